@@ -314,6 +314,7 @@ def _build(defaults: dict, overrides: dict, representation_size: int | None = No
     return VisionTransformer(**{**defaults, **overrides})
 
 
+_DEMO = dict(img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=4)
 _TINY = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
 _SMALL = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
 _BASE16 = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
@@ -322,6 +323,12 @@ _LARGE16 = dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16)
 _LARGE32 = dict(patch_size=32, embed_dim=1024, depth=24, num_heads=16)
 _HUGE14 = dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16)
 _IN21K_CLASSES = 21843
+
+
+@register_model
+def vit_demo_patch8_64(**overrides) -> VisionTransformer:
+    """A 0.8M-parameter ViT at 64 px for the offline demo and tests; no public weights."""
+    return _build(_DEMO, overrides)
 
 
 @register_model

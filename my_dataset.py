@@ -1,0 +1,102 @@
+"""Image files -> tensors: the data set, its transforms and a tolerant image reader."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import transforms
+
+# Matched case-insensitively, so .JPG and .jpeg count (the reproduced code skipped .jpeg).
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
+
+# The paper and the report map pixels to [-1, 1].
+MEAN = (0.5, 0.5, 0.5)
+STD = (0.5, 0.5, 0.5)
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMG_EXTENSIONS and not path.name.startswith(".")
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """Open any image as 8-bit RGB: grayscale, CMYK, palette, alpha and 16-bit are converted."""
+    with Image.open(path) as img:
+        img.load()
+        return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit (and 32-bit integer) grey: PIL's convert("RGB") clips at 255, so scale instead.
+        values = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if values.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(values / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    elif img.mode == "F":
+        values = np.asarray(img, dtype=np.float64)
+        span = max(values.max() - values.min(), 1e-12)
+        img = Image.fromarray(((values - values.min()) / span * 255.0).astype(np.uint8))
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # PIL warns when a palette with transparency goes straight to RGB
+    if img.mode in ("RGBA", "LA", "PA", "RGBa"):
+        # Transparent pixels carry arbitrary colours; show them on white, as a viewer would.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def check_image(path: str | Path) -> str | None:
+    """Decode the file cheaply; return why it cannot be read, or None when it can."""
+    try:
+        with Image.open(path) as img:
+            # For JPEG, draft() decodes at 1/8 scale: the whole stream is still read,
+            # so truncation shows, at a fraction of the cost of a full decode.
+            img.draft("RGB", (max(img.width // 8, 1), max(img.height // 8, 1)))
+            img.load()
+        return None
+    except Exception as err:  # PIL raises many types for broken files
+        text = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return text[:120]
+
+
+def build_transforms(img_size: int = 224, train: bool = True) -> Callable:
+    """The report's transforms: RandomResizedCrop + flip to train; Resize 256, CenterCrop 224."""
+    if train:
+        return transforms.Compose([
+            transforms.RandomResizedCrop(img_size),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(MEAN, STD),
+        ])
+    return transforms.Compose([
+        transforms.Resize(int(round(img_size * 256 / 224))),  # 256 for 224, scaled otherwise
+        transforms.CenterCrop(img_size),
+        transforms.ToTensor(),
+        transforms.Normalize(MEAN, STD),
+    ])
+
+
+class MyDataSet(Dataset):
+    """Images and their class indices, read as RGB (the reproduced repository's name)."""
+
+    def __init__(self, images_path: Sequence[str | Path], images_class: Sequence[int],
+                 transform: Callable | None = None) -> None:
+        if len(images_path) != len(images_class):
+            raise ValueError("images_path and images_class differ in length.")
+        self.images_path = [str(p) for p in images_path]
+        self.images_class = list(images_class)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images_path)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        img = open_rgb(self.images_path[index])
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.images_class[index]
