@@ -1,26 +1,45 @@
-"""Classify an image with a trained checkpoint and print every class's probability.
+"""Classify images with a trained checkpoint; optionally show where the model looks.
 
     python predict.py flower_photos/tulips/10791227_7168491604.jpg
     python predict.py IMAGE --weights weights/model-9.pth --save-fig prediction.png
+    python predict.py flower_photos/roses my_photos/ a.jpg --topk 2 --save-fig grid.png
+    python predict.py flower_photos --json > predictions.jsonl
+    python predict.py IMAGE --attention attention.png      # attention rollout + last block
+
+Folders are searched recursively for image files (.jpg, .jpeg, .png, ... in any case;
+names starting with "." are left out). A file in a folder that cannot be decoded is
+named on stderr and skipped. For one image every class is printed, in class order;
+for several, a block per image with the top 3 (--topk changes both).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
 import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 
-from my_dataset import build_transforms, check_image, open_rgb
+from my_dataset import MEAN, STD, MyDataSet, build_transforms, check_image, is_image_file, open_rgb
 from utils import UserError, find_checkpoint, read_class_indices, select_device
 from vit_model import VisionTransformer, create_model, list_models
 from weights import WeightsError, read_weights
 
+MAX_GRID = 64  # images in one --save-fig grid; beyond that the pictures become stamps
+FIGURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
+
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Predict the class of an image.")
-    parser.add_argument("image", help="image file to classify")
+    parser = argparse.ArgumentParser(
+        description="Predict the class of images: files and folders (searched recursively).")
+    parser.add_argument("images", nargs="+", metavar="IMAGE",
+                        help="image files and folders of images")
     parser.add_argument("--weights", default=None,
                         help="checkpoint (default: best.pth in ./weights, else the newest "
                              "model-*.pth there)")
@@ -32,10 +51,65 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="architecture, for weights that do not name it")
     parser.add_argument("--device", default="cuda:0",
                         help="cuda:N, cpu or mps; falls back to the CPU when CUDA is absent")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="image-loading processes (default: 0 for one batch, else up to 4)")
+    parser.add_argument("--topk", type=int, default=None, metavar="K",
+                        help="print the K most likely classes (default: all for one image, "
+                             "3 for several)")
+    parser.add_argument("--json", action="store_true",
+                        help="one JSON object per image on stdout (path, predicted, prob, "
+                             "topk); notices go to stderr")
     parser.add_argument("--save-fig", default=None, metavar="PATH",
-                        help="save the image with the prediction as its title")
+                        help="save the image with its prediction as the title; a grid of up "
+                             f"to {MAX_GRID} for several images")
+    parser.add_argument("--attention", default=None, metavar="PATH",
+                        help="save each image beside its attention rollout and the last "
+                             "block's class-token attention: a .png for one image, else a "
+                             "folder with one <name>.attention.png per image")
     parser.add_argument("--show", action="store_true", help="open a window with the figure")
     return parser
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _folder_images(folder: Path) -> Iterator[Path]:
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder).parts
+        if path.is_file() and is_image_file(path) and not any(p.startswith(".") for p in relative):
+            yield path
+
+
+def collect_images(inputs: list[str]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Files and folders -> (readable images, [(file, why) it cannot be read]).
+
+    A path that does not exist, or a folder without image files, is the user's mistake
+    and raises; a broken file is reported and left for the caller to skip.
+    """
+    candidates: list[Path] = []
+    for text in inputs:
+        path = Path(text)
+        if path.is_dir():
+            found = list(_folder_images(path))
+            if not found:
+                raise UserError(f"Folder {path} has no image files "
+                                f"(.jpg, .jpeg, .png, ...), searched recursively.")
+            candidates += found
+        elif path.is_file():
+            candidates.append(path)
+        else:
+            raise UserError(f"Image {path} does not exist.")
+    candidates = list(dict.fromkeys(candidates))  # the same file named twice is predicted once
+    # Decoding checks are I/O-bound and release the GIL: threads make a big folder quick.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        problems = list(pool.map(check_image, candidates))
+    readable = [p for p, why in zip(candidates, problems, strict=True) if why is None]
+    unreadable = [(p, why) for p, why in zip(candidates, problems, strict=True) if why is not None]
+    return readable, unreadable
+
+
+# --------------------------------------------------------------------------- model
 
 
 def resolve_weights(path: str | None) -> Path:
@@ -92,52 +166,178 @@ def load_classifier(weights_path: Path, class_indices: str | None = None,
     return model.eval(), class_names
 
 
-@torch.no_grad()
+def image_loader(model: VisionTransformer, paths: list[Path], batch_size: int = 32,
+                 workers: int | None = None) -> DataLoader:
+    """Batches of images with the report's evaluation transform (Resize, CenterCrop)."""
+    if workers is None:
+        workers = 0 if len(paths) <= batch_size else min(4, os.cpu_count() or 1)
+    dataset = MyDataSet(paths, [0] * len(paths),
+                        build_transforms(model.patch_embed.img_size, train=False))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+
+
+@torch.inference_mode()
+def predict_probs(model: VisionTransformer, paths: list[Path], device: torch.device,
+                  batch_size: int = 32, workers: int | None = None) -> torch.Tensor:
+    """Class probabilities, (len(paths), num_classes), on the CPU; the fused SDPA path."""
+    model = model.eval().to(device)
+    chunks = [torch.softmax(model(images.to(device)), dim=1).float().cpu()
+              for images, _ in image_loader(model, paths, batch_size, workers)]
+    return torch.cat(chunks) if chunks else torch.empty(0, model.num_classes)
+
+
 def predict_image(model: VisionTransformer, image_path: str | Path,
                   device: torch.device) -> torch.Tensor:
-    """Class probabilities of one image, with the report's evaluation transform."""
-    transform = build_transforms(model.patch_embed.img_size, train=False)
-    image = transform(open_rgb(image_path)).unsqueeze(0).to(device)  # (1, 3, H, W)
-    return torch.softmax(model(image), dim=1)[0].cpu()
+    """Class probabilities of one image, (num_classes,)."""
+    return predict_probs(model, [Path(image_path)], device, batch_size=1, workers=0)[0]
 
 
-def save_figure(image_path: str | Path, title: str, out: str | None, show: bool) -> None:
-    import matplotlib
-    if not show:
-        matplotlib.use("Agg")  # no display needed to write a file
-    import matplotlib.pyplot as plt
+@torch.inference_mode()
+def attention_grids(model: VisionTransformer, paths: list[Path], device: torch.device,
+                    batch_size: int = 32, workers: int | None = None
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per image: (the crop the model saw, (3, H, W) in [0, 1]; rollout grid; last-block grid).
 
-    fig, ax = plt.subplots()
-    ax.imshow(open_rgb(image_path))
-    ax.set_title(title)
-    ax.axis("off")
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, bbox_inches="tight", dpi=100)
-        print(f"Figure saved to {out}")
-    if show:
-        plt.show()
-    plt.close(fig)
+    Uses the explicit-softmax path (model.attention_maps), batch by batch, so only one
+    batch's N x N matrices are held at a time.
+    """
+    from visualize import attention_rollout, last_layer_attention
+
+    model = model.eval().to(device)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    for images, _ in image_loader(model, paths, batch_size, workers):
+        maps = model.attention_maps(images.to(device))
+        rollout = attention_rollout(maps).cpu()
+        last = last_layer_attention(maps).cpu()
+        crops = images * std + mean  # undo Normalize to show the pixels
+        yield from zip(crops, rollout, last, strict=True)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def top_classes(probs: torch.Tensor, class_names: list[str], k: int) -> list[tuple[str, float]]:
+    values, indices = probs.topk(min(k, len(class_names)))
+    return [(class_names[i], v) for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
+
+
+def print_text(paths: list[Path], probs: torch.Tensor, class_names: list[str],
+               topk: int | None) -> None:
+    if len(paths) == 1:
+        if topk is None:  # the reproduced repository's output: every class, in class order
+            rows = list(zip(class_names, probs[0].tolist(), strict=True))
+        else:
+            rows = top_classes(probs[0], class_names, topk)
+        for name, prob in rows:
+            print(f"class: {name:<10}  prob: {prob:.4f}")
+        best = int(probs[0].argmax())
+        print(f"predicted: {class_names[best]} (prob {probs[0, best]:.4f})")
+        return
+    for path, row in zip(paths, probs, strict=True):
+        print(path)
+        for name, prob in top_classes(row, class_names, topk or 3):
+            print(f"  {name:<10}  {prob:.4f}")
+
+
+def print_json(paths: list[Path], probs: torch.Tensor, class_names: list[str],
+               topk: int | None) -> None:
+    k = topk or (len(class_names) if len(paths) == 1 else 3)
+    for path, row in zip(paths, probs, strict=True):
+        top = top_classes(row, class_names, k)
+        print(json.dumps({"path": str(path), "predicted": top[0][0], "prob": top[0][1],
+                          "topk": [{"class": name, "prob": prob} for name, prob in top]}))
+
+
+def prediction_figure(paths: list[Path], probs: torch.Tensor, class_names: list[str]):
+    """One image with the repository's title, or a grid whose titles are green where the
+    folder name agrees with the prediction and red where it names another class."""
+    from visualize import plot_prediction_grid
+
+    best = probs.argmax(dim=1).tolist()
+    if len(paths) == 1:
+        title = f"class: {class_names[best[0]]}   prob: {probs[0, best[0]]:.3f}"
+        return plot_prediction_grid([open_rgb(paths[0])], [title], columns=1, cell=5.0)
+    shown = paths[:MAX_GRID]
+    titles, colours = [], []
+    for path, b, row in zip(shown, best, probs, strict=False):
+        name = path.name if len(path.name) <= 22 else path.name[:19] + "..."
+        titles.append(f"{class_names[b]} {row[b]:.2f}\n{name}")
+        folder = path.parent.name
+        colours.append("black" if folder not in class_names
+                       else "green" if folder == class_names[b] else "red")
+    return plot_prediction_grid([open_rgb(p) for p in shown], titles, colours, columns=4)
+
+
+def attention_outputs(target: str, paths: list[Path]) -> list[Path]:
+    """Where each image's attention figure goes: the file itself for one image, else a folder."""
+    target_path = Path(target)
+    if target_path.suffix.lower() in FIGURE_SUFFIXES:
+        if len(paths) > 1:
+            raise UserError(f"--attention {target} names one file but {len(paths)} images were "
+                            f"given; pass a folder instead.")
+        return [target_path]
+    outputs, used = [], set()
+    for path in paths:
+        name = f"{path.stem}.attention.png"
+        if name in used:  # the same file name in two folders
+            name = f"{path.parent.name}_{path.stem}.attention.png"
+        used.add(name)
+        outputs.append(target_path / name)
+    return outputs
+
+
+# --------------------------------------------------------------------------- main
 
 
 def run(args: argparse.Namespace) -> int:
-    image_path = Path(args.image)
-    if not image_path.is_file():
-        raise UserError(f"Image {image_path} does not exist.")
-    problem = check_image(image_path)
-    if problem is not None:
-        raise UserError(f"{image_path} cannot be read as an image ({problem}).")
-    device = select_device(args.device)
+    # With --json, stdout carries the JSON lines alone; every notice goes to stderr.
+    notices = sys.stderr if args.json else sys.stdout
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1.")
+    if args.topk is not None and args.topk < 1:
+        raise UserError("--topk must be at least 1.")
+    paths, unreadable = collect_images(args.images)
+    if not paths:
+        if len(unreadable) == 1:
+            path, why = unreadable[0]
+            raise UserError(f"{path} cannot be read as an image ({why}).")
+        raise UserError(f"None of the {len(unreadable)} image files could be read "
+                        f"(first: {unreadable[0][0]}: {unreadable[0][1]}).")
+    for path, why in unreadable:
+        print(f"warning: skipping {path}: cannot be read as an image ({why}).", file=sys.stderr)
+    attention_paths = attention_outputs(args.attention, paths) if args.attention else []
+
+    with contextlib.redirect_stdout(notices):  # select_device's CPU fallback notice
+        device = select_device(args.device)
     model, class_names = load_classifier(resolve_weights(args.weights), args.class_indices,
                                          args.model_name)
-    probs = predict_image(model.to(device), image_path, device)
-    for name, prob in zip(class_names, probs.tolist(), strict=True):
-        print(f"class: {name:<10}  prob: {prob:.4f}")
-    best = int(probs.argmax())
-    print(f"predicted: {class_names[best]} (prob {probs[best]:.4f})")
+    probs = predict_probs(model, paths, device, args.batch_size, args.workers)
+    if args.json:
+        print_json(paths, probs, class_names, args.topk)
+    else:
+        print_text(paths, probs, class_names, args.topk)
+
     if args.save_fig or args.show:
-        save_figure(image_path, f"class: {class_names[best]}   prob: {probs[best]:.3f}",
-                    args.save_fig, args.show)
+        from visualize import save_figure, show
+
+        fig = prediction_figure(paths, probs, class_names)
+        if args.save_fig:
+            save_figure(fig, args.save_fig)
+            more = f" (the first {MAX_GRID} of {len(paths)})" if len(paths) > MAX_GRID else ""
+            print(f"Figure saved to {args.save_fig}{more}", file=notices)
+        if args.show:
+            show(fig)
+    if attention_paths:
+        from visualize import plot_attention, save_figure
+
+        best = probs.argmax(dim=1).tolist()
+        grids = attention_grids(model, paths, device, args.batch_size, args.workers)
+        for i, (crop, rollout, last) in enumerate(grids):
+            title = f"{paths[i].name}: {class_names[best[i]]} ({probs[i, best[i]]:.2f})"
+            save_figure(plot_attention(crop, rollout, last, title), attention_paths[i])
+        where = attention_paths[0] if len(attention_paths) == 1 else attention_paths[0].parent
+        print(f"Attention maps saved to {where}", file=notices)
     return 0
 
 
