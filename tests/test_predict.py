@@ -1,0 +1,275 @@
+"""predict.py on a tiny trained checkpoint, and attention rollout on attention we know."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import predict
+import train
+from demo_data import make_demo_flowers
+from visualize import attention_rollout, last_layer_attention, rollout_matrix
+from vit_model import create_model
+
+CLASSES = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(data folder, checkpoint): the demo ViT trained for one epoch on 6 images a class."""
+    root = tmp_path_factory.mktemp("predict")
+    data = make_demo_flowers(root / "flower_photos", per_class=6)
+    rc = train.main(["--data-path", str(data), "--model-name", "vit_demo_patch8_64",
+                     "--weights", "", "--no-freeze-layers", "--epochs", "1", "--batch-size", "8",
+                     "--lr", "0.05", "--device", "cpu", "--workers", "0",
+                     "--output-dir", str(root / "weights"), "--log-dir", str(root / "runs")])
+    assert rc == 0
+    return data, root / "weights" / "best.pth"
+
+
+def run_predict(args: list, capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    capsys.readouterr()  # drop what the fixture printed
+    rc = predict.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_single_image_prints_every_class_then_the_prediction(trained, capsys):
+    data, ckpt = trained
+    rc, out, _ = run_predict([data / "roses" / "roses_0000.jpg", "--weights", ckpt,
+                              "--device", "cpu"], capsys)
+    assert rc == 0
+    lines = out.strip().splitlines()
+    class_lines = [line for line in lines if line.startswith("class: ")]
+    assert [line.split()[1] for line in class_lines] == CLASSES  # in class order
+    probs = [float(line.rsplit("prob: ", 1)[1]) for line in class_lines]
+    assert sum(probs) == pytest.approx(1.0, abs=1e-3)
+    best = max(range(5), key=lambda i: probs[i])
+    assert lines[-1] == f"predicted: {CLASSES[best]} (prob {probs[best]:.4f})"
+
+
+def test_topk_on_one_image_prints_the_k_best_in_order(trained, capsys):
+    data, ckpt = trained
+    image = data / "tulips" / "tulips_0001.jpg"
+    _, full, _ = run_predict([image, "--weights", ckpt, "--device", "cpu"], capsys)
+    rc, out, _ = run_predict([image, "--weights", ckpt, "--device", "cpu", "--topk", "2"], capsys)
+    assert rc == 0
+    everything = {line.split()[1]: float(line.split()[-1])
+                  for line in full.splitlines() if line.startswith("class: ")}
+    shown = [line.split()[1] for line in out.splitlines() if line.startswith("class: ")]
+    assert shown == sorted(everything, key=everything.get, reverse=True)[:2]
+    assert out.splitlines()[-1] == full.splitlines()[-1]  # the same "predicted:" line
+
+
+@pytest.fixture()
+def mixed_folder(trained, tmp_path: Path) -> tuple[Path, Path, int]:
+    """(folder, one extra image outside it, readable images in the folder): the folder holds
+    real images in a sub-folder, a corrupt .jpg, an empty .png and a LICENSE.txt."""
+    data, _ = trained
+    folder = tmp_path / "photos"
+    shutil.copytree(data / "daisy", folder / "daisy")
+    (folder / "broken.jpg").write_bytes(b"this is not a JPEG")
+    (folder / "daisy" / "empty.png").write_bytes(b"")
+    (folder / "LICENSE.txt").write_text("not an image, and not named like one")
+    return folder, data / "sunflowers" / "sunflowers_0002.jpg", 6
+
+
+def test_folder_and_files_skip_unreadable_and_predict_the_rest(trained, mixed_folder, capsys):
+    _, ckpt = trained
+    folder, extra, readable = mixed_folder
+    rc, out, err = run_predict([folder, extra, "--weights", ckpt, "--device", "cpu",
+                                "--batch-size", "4"], capsys)
+    assert rc == 0
+    headers = [line for line in out.splitlines() if not line.startswith(" ")]
+    assert len(headers) == readable + 1
+    assert headers[-1] == str(extra)
+    assert all(Path(h).suffix == ".jpg" and "broken" not in h for h in headers)
+    # a block: the path, then the top 3 classes with their probabilities, best first
+    first_block = out.splitlines()[1:4]
+    values = [float(line.split()[-1]) for line in first_block]
+    assert values == sorted(values, reverse=True)
+    warnings = [line for line in err.splitlines() if line.startswith("warning: skipping")]
+    assert len(warnings) == 2
+    assert any("broken.jpg" in w for w in warnings) and any("empty.png" in w for w in warnings)
+    assert "LICENSE" not in err
+
+
+def test_json_lines_alone_on_stdout(trained, mixed_folder, capsys):
+    _, ckpt = trained
+    folder, extra, readable = mixed_folder
+    # cuda:0 on a machine without CUDA prints a fallback notice: it must go to stderr.
+    device = "cpu" if torch.cuda.is_available() else "cuda:0"
+    rc, out, err = run_predict([folder, extra, "--weights", ckpt, "--device", device,
+                                "--json", "--topk", "2", "--save-fig", folder.parent / "g.png"],
+                               capsys)
+    assert rc == 0
+    records = [json.loads(line) for line in out.splitlines()]  # every line is JSON
+    assert len(records) == readable + 1
+    for record in records:
+        assert set(record) == {"path", "predicted", "prob", "topk"}
+        assert Path(record["path"]).is_file()
+        assert len(record["topk"]) == 2
+        assert record["topk"][0] == {"class": record["predicted"], "prob": record["prob"]}
+        assert record["topk"][0]["prob"] >= record["topk"][1]["prob"]
+        assert record["predicted"] in CLASSES
+    assert "Figure saved" in err and "warning: skipping" in err
+    if device == "cuda:0":
+        assert "CUDA is not available" in err
+
+
+def test_json_agrees_with_the_text_output(trained, capsys):
+    data, ckpt = trained
+    image = data / "dandelion" / "dandelion_0003.jpg"
+    _, text, _ = run_predict([image, "--weights", ckpt, "--device", "cpu"], capsys)
+    _, out, _ = run_predict([image, "--weights", ckpt, "--device", "cpu", "--json"], capsys)
+    (record,) = [json.loads(line) for line in out.splitlines()]
+    assert len(record["topk"]) == len(CLASSES)  # one image: every class by default
+    assert text.splitlines()[-1] == f"predicted: {record['predicted']} (prob {record['prob']:.4f})"
+
+
+def test_batch_size_does_not_change_the_probabilities(trained, capsys):
+    data, ckpt = trained
+    model, _ = predict.load_classifier(ckpt)
+    paths = sorted((data / "roses").glob("*.jpg"))
+    one = predict.predict_probs(model, paths, torch.device("cpu"), batch_size=1, workers=0)
+    many = predict.predict_probs(model, paths, torch.device("cpu"), batch_size=4, workers=0)
+    assert one.shape == (len(paths), 5)
+    torch.testing.assert_close(one, many, rtol=1e-5, atol=1e-6)
+
+
+def test_grid_figure_for_several_images(trained, tmp_path, capsys):
+    data, ckpt = trained
+    images = [data / c / f"{c}_0000.jpg" for c in CLASSES[:4]]
+    single, grid = tmp_path / "one.png", tmp_path / "grid.png"
+    assert run_predict([images[0], "--weights", ckpt, "--device", "cpu", "--save-fig", single],
+                       capsys)[0] == 0
+    rc, out, _ = run_predict([*images, "--weights", ckpt, "--device", "cpu", "--save-fig", grid],
+                             capsys)
+    assert rc == 0 and f"Figure saved to {grid}" in out
+    with Image.open(single) as one, Image.open(grid) as many:
+        assert one.format == many.format == "PNG"
+        # four images side by side: much wider than tall, unlike the single picture
+        assert many.width > 2.5 * many.height
+        assert one.width < 1.5 * one.height
+
+
+@pytest.mark.parametrize("make_input, needle", [
+    (lambda d: d / "missing.jpg", "does not exist"),
+    (lambda d: d / "notes.jpg", "cannot be read as an image"),
+])
+def test_unusable_input_exits_2(trained, tmp_path, capsys, make_input, needle):
+    _, ckpt = trained
+    (tmp_path / "notes.jpg").write_text("plain text")
+    rc, out, err = run_predict([make_input(tmp_path), "--weights", ckpt, "--device", "cpu"],
+                               capsys)
+    assert rc == 2 and out == ""
+    assert err.startswith("error: ") and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_folder_with_nothing_readable_exits_2(trained, tmp_path, capsys):
+    _, ckpt = trained
+    for name in ("a.jpg", "b.png"):
+        (tmp_path / name).write_bytes(b"\x00" * 10)
+    rc, out, err = run_predict([tmp_path, "--weights", ckpt, "--device", "cpu"], capsys)
+    assert rc == 2 and out == ""
+    assert err.strip().splitlines()[-1].startswith("error: None of the 2 image files")
+
+
+def test_missing_checkpoint_exits_2(trained, tmp_path, capsys):
+    data, _ = trained
+    rc, _, err = run_predict([data / "roses" / "roses_0000.jpg", "--weights",
+                              tmp_path / "nope.pth", "--device", "cpu"], capsys)
+    assert rc == 2 and err.startswith("error: ")
+
+
+# --------------------------------------------------------------------------- attention rollout
+
+
+def _attention(rows: torch.Tensor, heads: int = 2) -> torch.Tensor:
+    """One layer's (1, heads, T, T) attention with every head equal to rows."""
+    return rows.expand(1, heads, *rows.shape).clone()
+
+
+def _attend_to(token: int, tokens: int) -> torch.Tensor:
+    rows = torch.zeros(tokens, tokens)
+    rows[:, token] = 1.0
+    return _attention(rows)
+
+
+def test_rollout_of_uniform_attention_is_uniform_over_patches():
+    tokens, layers = 5, 2  # class token + a 2x2 grid
+    maps = [_attention(torch.full((tokens, tokens), 1 / tokens))] * layers
+    # By hand: A = (U + I) / 2 with U = 11^T / T idempotent, so A^L = (I + (2^L - 1) U) / 2^L
+    # and the class token's weight on each patch is (2^L - 1) / (2^L T) = 3 / 20.
+    grid = attention_rollout(maps)
+    assert grid.shape == (1, 2, 2)
+    torch.testing.assert_close(grid, torch.full((1, 2, 2), 3 / 20))
+
+
+def test_rollout_of_attention_to_one_patch_peaks_there():
+    tokens, layers, target = 10, 3, 7  # a 3x3 grid; token 7 is patch 6, row 2 column 0
+    grid = attention_rollout([_attend_to(target, tokens)] * layers)
+    # A = (1 e_j^T + I) / 2 gives A^L = ((2^L - 1) 1 e_j^T + I) / 2^L: 7/8 on patch j, 0 elsewhere
+    expected = torch.zeros(1, 3, 3)
+    expected[0, 2, 0] = 7 / 8
+    torch.testing.assert_close(grid, expected)
+
+
+def test_rollout_multiplies_later_layers_from_the_left():
+    tokens = 5
+    first, second = _attend_to(1, tokens), _attend_to(4, tokens)  # patch 0, then patch 3
+    # By hand, ((1 e_4^T + I)/2) ((1 e_1^T + I)/2) = (2 * 1 e_1^T + 1 e_4^T + I) / 4:
+    # what the first layer gathered reaches the class token through every later layer.
+    row = rollout_matrix([first, second])[0, 0]
+    torch.testing.assert_close(row, torch.tensor([0.25, 0.5, 0.0, 0.0, 0.25]))
+    torch.testing.assert_close(last_layer_attention([first, second]),
+                               torch.tensor([[[0.0, 0.0], [0.0, 1.0]]]))
+
+
+def test_rollout_of_identity_attention_leaves_the_class_token_alone():
+    tokens = 5
+    rows = rollout_matrix([_attention(torch.eye(tokens))] * 4)[0]
+    torch.testing.assert_close(rows, torch.eye(tokens))
+    assert attention_rollout([_attention(torch.eye(tokens))]).abs().sum() == 0
+
+
+def test_rollout_through_a_model_with_constant_attention():
+    # Zero q and k make every score 0, so every head attends uniformly: the model's own
+    # attention_maps must then give the uniform rollout computed by hand.
+    model = create_model("vit_demo_patch8_64", num_classes=5).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv.weight[: 2 * model.embed_dim].zero_()
+            block.attn.qkv.bias[: 2 * model.embed_dim].zero_()
+    maps = model.attention_maps(torch.randn(2, 3, 64, 64))
+    tokens, layers = 65, len(model.blocks)  # 8x8 patches + the class token; 4 blocks
+    grid = attention_rollout(maps)
+    assert grid.shape == (2, 8, 8)
+    expected = (2 ** layers - 1) / (2 ** layers * tokens)
+    torch.testing.assert_close(grid, torch.full((2, 8, 8), expected))
+    torch.testing.assert_close(last_layer_attention(maps), torch.full((2, 8, 8), 1 / tokens))
+
+
+def test_attention_figures_are_saved(trained, tmp_path, capsys):
+    data, ckpt = trained
+    image = data / "roses" / "roses_0001.jpg"
+    single = tmp_path / "attention.png"
+    rc, _, _ = run_predict([image, "--weights", ckpt, "--device", "cpu", "--attention", single],
+                           capsys)
+    assert rc == 0
+    with Image.open(single) as picture:
+        assert picture.format == "PNG" and picture.width > 2 * picture.height  # three panels
+    folder = tmp_path / "maps"
+    rc, _, _ = run_predict([data / "roses", data / "daisy" / "daisy_0000.jpg", "--weights", ckpt,
+                            "--device", "cpu", "--attention", folder], capsys)
+    assert rc == 0
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [f"roses_{i:04d}.attention.png" for i in range(6)] + ["daisy_0000.attention.png"])
+    rc, _, err = run_predict([data / "roses", "--weights", ckpt, "--device", "cpu",
+                              "--attention", tmp_path / "one.png"], capsys)
+    assert rc == 2 and "pass a folder" in err
