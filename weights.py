@@ -1,24 +1,52 @@
-"""Read ViT weights from a file and fit them to a model.
+"""Read ViT weights of every common format and fit them to this project's model.
 
-Every loader here reads data, never code: ``torch.load(weights_only=True)``.
-A file this module cannot read, or that does not fit the model, raises
-WeightsError with one sentence a user can act on.
+Supported (the format is detected from the file's content; its suffix only
+phrases the error when the content is damaged):
+
+- this project's checkpoints (``{"model", "model_args", ...}``, from train.py
+  and convert.py) and plain state dicts in timm / reproduced-repository names
+  (``jx_vit_base_patch16_224_in21k-e5005f0a.pth``, with ``pre_logits.fc``),
+  also nested under ``model`` / ``state_dict`` and with the ``module.``
+  (DataParallel / DDP) or ``_orig_mod.`` (torch.compile) prefixes;
+- timm ``.safetensors`` / ``.pth`` of today (same names, no pre-logits);
+- Google's original ``.npz`` (``ViT-B_16.npz``, AugReg files; ``opt/target/``
+  prefix accepted);
+- Hugging Face ``ViTModel`` / ``ViTForImageClassification``: the folder
+  ``save_pretrained`` writes, or its ``model.safetensors`` / ``pytorch_model.bin``
+  with ``config.json`` beside it;
+- torchvision ``vit_b_16`` & co. state dicts (also the older ``mlp.linear_1`` names).
+
+Every loader reads data, never code: ``torch.load(weights_only=True)``,
+``numpy.load(allow_pickle=False)`` and the small safetensors reader below (the
+``safetensors`` package is not needed at run time). A file this module cannot
+read, or that does not fit the model, raises WeightsError with a sentence a
+user can act on.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import pickle
+import re
+import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # Prefixes that wrappers add to every key: DataParallel / DDP, torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-# Keys under which training scripts nest the state dict.
-_NESTED_KEYS = ("model", "state_dict", "model_state_dict", "model_ema", "net")
+# Keys under which training scripts nest the state dict, in order of preference.
+_NESTED_KEYS = ("model", "state_dict", "model_state_dict", "model_ema", "state_dict_ema",
+                "module", "net")
+# Hugging Face's ViTConfig default; every google/vit-* config states it too.
+_HF_LAYER_NORM_EPS = 1e-12
 
 
 class WeightsError(Exception):
@@ -30,9 +58,13 @@ class Weights:
     """A state dict in this project's names, and what the file says about itself."""
 
     state_dict: dict[str, torch.Tensor]
+    # The detected format in words: "Google .npz", "timm safetensors", "torchvision", ...
     format: str
-    # Constructor arguments the file states (all of them for this project's
-    # checkpoints; e.g. layer_norm_eps for Hugging Face); empty when it says none.
+    # Constructor arguments of VisionTransformer the file states: all of them for this
+    # project's checkpoints; for Hugging Face those of config.json, layer_norm_eps
+    # (1e-12) among them; num_heads for Google .npz (its kernels are per head); empty
+    # when the file says nothing beyond the tensor shapes. A model for these weights
+    # must be built with layer_norm_eps=model_args["layer_norm_eps"] when it is present.
     model_args: dict = field(default_factory=dict)
     model_name: str | None = None
     class_names: list[str] | None = None
@@ -44,69 +76,491 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def read_weights(path: str | Path) -> Weights:
-    """Read a weights file of any supported format (see the README's table)."""
+    """Read a weights file or Hugging Face folder of any supported format.
+
+    The state dict comes back in this project's names. ``Weights.model_args``
+    holds the constructor arguments the file states; build the model with
+    ``layer_norm_eps=weights.model_args["layer_norm_eps"]`` when that key is
+    present (Hugging Face files use 1e-12 where this project uses 1e-6;
+    otherwise the outputs drift slightly from the original's).
+    """
     path = Path(path)
+    if path.is_dir():
+        return _read_hugging_face_folder(path)
     if not path.is_file():
         raise WeightsError(f"Weights file {path} does not exist.")
     if path.stat().st_size == 0:
         raise WeightsError(f"Weights file {path} is empty; download it again.")
-    obj = _torch_load(path)
-    return _from_torch_object(obj, path)
+    container = _sniff(path)
+    if container == "npz":
+        tensors = _read_npz(path)
+    elif container == "safetensors":
+        tensors = read_safetensors(path)
+    else:
+        obj = _torch_load(path)
+        if isinstance(obj, dict) and "model" in obj and "model_args" in obj:
+            # A checkpoint written by train.py or convert.py.
+            return Weights(state_dict=_strip_prefixes(obj["model"]), format="this project",
+                           model_args=dict(obj["model_args"]), model_name=obj.get("model_name"),
+                           class_names=obj.get("class_names"))
+        tensors = _unwrap(obj, path)
+    return _to_project_names(tensors, path, container)
+
+
+# --------------------------------------------------------------------------- file containers
+
+def _sniff(path: Path) -> str:
+    """'npz', 'safetensors' or 'torch', from the first bytes (and the zip's member names)."""
+    with path.open("rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK"):  # a zip archive: numpy's .npz or PyTorch's format since 1.6
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError, EOFError):
+            raise _damaged(path, "zip archive (a .pth or .npz)") from None
+        if names and all(name.endswith(".npy") for name in names):
+            return "npz"
+        return "torch"
+    if len(head) > 8 and head[8:9] == b"{":  # 8-byte header length, then the JSON header
+        return "safetensors"
+    if head[:1] == b"\x80":  # a pickle: PyTorch's format before 1.6
+        return "torch"
+    kinds = {".npz": "numpy .npz", ".safetensors": "safetensors", ".pth": "PyTorch",
+             ".pt": "PyTorch", ".bin": "PyTorch", ".ckpt": "PyTorch"}
+    if path.suffix in kinds:
+        raise _damaged(path, f"{kinds[path.suffix]} file")
+    raise WeightsError(f"{path} is not a weights file this program reads (PyTorch .pth/.bin, "
+                       f".safetensors, Google .npz, or a Hugging Face folder).")
+
+
+def _damaged(path: Path, what: str, detail: str = "") -> WeightsError:
+    detail = f" ({detail})" if detail else ""
+    return WeightsError(f"{path} is not a readable {what}{detail}: it is truncated or corrupt; "
+                        f"download it again.")
 
 
 def _torch_load(path: Path) -> object:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about unusual pickle protocols before it fails on them.
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        culprit = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if culprit is None:
+            raise _damaged(path, "PyTorch file", "not a pickle of tensors") from None
         raise WeightsError(
-            f"{path} holds Python objects other than tensors, which could run code when "
-            f"loaded; refusing to unpickle it ({str(err).splitlines()[0][:120]}).") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
-        raise WeightsError(f"{path} is not a readable PyTorch weights file (truncated or "
-                           f"corrupt? {type(err).__name__}); download it again.") from None
+            f"{path} holds a Python object ({culprit.group(1)}) besides tensors, and "
+            f"unpickling it could run code; refusing to load it. If you trust the file, load "
+            f"it yourself and save only the state dict.") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError,
+            IndexError) as err:
+        raise _damaged(path, "PyTorch file", type(err).__name__) from None
 
 
-def _from_torch_object(obj: object, path: Path) -> Weights:
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a .safetensors file without the safetensors package.
+
+    The format: an unsigned 64-bit little-endian header length n, n bytes of
+    JSON ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__":
+    {...}}``, then the raw little-endian tensor bytes, offsets relative to the
+    end of the header.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 0 < header_len <= size - 8:
+            raise _damaged(path, "safetensors file", "the header length exceeds the file")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise _damaged(path, "safetensors file", "its header is not JSON") from None
+        if not isinstance(header, dict):
+            raise _damaged(path, "safetensors file", "its header is not a JSON object")
+        header.pop("__metadata__", None)
+        data_start = 8 + header_len
+        tensors = {}
+        for name, info in header.items():
+            try:
+                dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+                shape = [int(s) for s in info["shape"]]
+                begin, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise _damaged(path, "safetensors file", f"bad header entry {name}") from None
+            if dtype is None:
+                raise WeightsError(f"{path}: tensor {name} has dtype {info['dtype']}, which this "
+                                   f"reader does not support.")
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if begin < 0 or end - begin != nbytes or data_start + end > size:
+                raise _damaged(path, "safetensors file", f"the data of {name} is missing")
+            # One buffer per tensor: aligned for its dtype, and freed with it.
+            buffer = bytearray(nbytes)
+            f.seek(data_start + begin)
+            if f.readinto(buffer) != nbytes:
+                raise _damaged(path, "safetensors file", f"the data of {name} is missing")
+            tensors[name] = (torch.frombuffer(buffer, dtype=dtype).reshape(shape) if nbytes
+                             else torch.empty(shape, dtype=dtype))
+    return tensors
+
+
+def _read_npz(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except ValueError as err:
+        if "allow_pickle" in str(err):
+            raise WeightsError(f"{path} holds pickled Python objects besides arrays, and "
+                               f"unpickling them could run code; refusing to load it.") from None
+        raise _damaged(path, "numpy .npz file", str(err)[:80]) from None
+    except (OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as err:
+        raise _damaged(path, "numpy .npz file", type(err).__name__) from None
+    tensors = {}
+    for key, array in arrays.items():
+        if array.dtype.kind not in "fiub":
+            raise WeightsError(f"{path}: {key} is a {array.dtype} array, not numbers; this is "
+                               f"not a ViT weights file.")
+        tensors[key] = torch.from_numpy(np.ascontiguousarray(array, array.dtype.newbyteorder("=")))
+    return tensors
+
+
+def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict inside a training script's checkpoint, without wrapper prefixes."""
+    for _ in range(3):  # e.g. {"state_dict": {"model": {...}}}
+        if not isinstance(obj, dict):
+            break
+        nested = next((obj[k] for k in _NESTED_KEYS if isinstance(obj.get(k), dict)), None)
+        if nested is None:
+            break
+        obj = nested
     if not isinstance(obj, dict):
         raise WeightsError(f"{path} holds a {type(obj).__name__}, not a state dict.")
-    if "model" in obj and "model_args" in obj:  # a checkpoint written by train.py
-        return Weights(state_dict=_strip_prefixes(obj["model"]), format="this project",
-                       model_args=dict(obj["model_args"]), model_name=obj.get("model_name"),
-                       class_names=obj.get("class_names"))
-    for key in _NESTED_KEYS:
-        if isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
     state_dict = _strip_prefixes(obj)
     if not state_dict or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise WeightsError(f"{path} is a dict but not a state dict of tensors.")
-    return Weights(state_dict=state_dict, format="timm / reproduced repository")
+        raise WeightsError(f"{path} is a dict but not a state dict of tensors (keys: "
+                           f"{_first([str(k) for k in obj])}).")
+    return state_dict
 
 
 def _strip_prefixes(state_dict: dict) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in state_dict.items():
-        for prefix in _WRAPPER_PREFIXES:
-            while key.startswith(prefix):
-                key = key[len(prefix):]
+        while key.startswith(_WRAPPER_PREFIXES):  # in any order: DDP around compile or back
+            key = key.split(".", 1)[1]
         out[key] = value
     return out
 
 
-def describe_architecture(state_dict: dict[str, torch.Tensor]) -> str:
-    """Name the ViT a state dict looks like, e.g. 'ViT-B/32 at 224 px, 21843 classes'."""
+# --------------------------------------------------------------------------- naming schemes
+
+def _to_project_names(tensors: dict[str, torch.Tensor], path: Path, container: str) -> Weights:
+    """Recognise the naming scheme by its keys and rename to this project's."""
+    keys = set(tensors)
+    if any(k.endswith("embedding/kernel") for k in keys):
+        return _from_google(tensors, path)
+    if any(k.split("vit.", 1)[-1] == "embeddings.patch_embeddings.projection.weight"
+           for k in keys):
+        return _from_hugging_face(tensors, path, _hf_config(path.parent), path.name)
+    container_word = {"safetensors": " safetensors", "npz": " .npz"}.get(container, "")
+    if "conv_proj.weight" in keys or "encoder.pos_embedding" in keys:
+        return Weights(state_dict=_rename(tensors, _TORCHVISION_RULES),
+                       format=f"torchvision{container_word}")
+    if "patch_embed.proj.weight" in keys:
+        return Weights(state_dict=tensors,
+                       format=f"timm{container_word}" if container_word
+                       else "timm / reproduced repository .pth")
+    raise WeightsError(f"{path} holds tensors named like {_first(sorted(keys))}, which is no ViT "
+                       f"naming this program knows (timm, torchvision, Hugging Face, Google .npz).")
+
+
+def _rename(tensors: dict[str, torch.Tensor], rules: list[tuple[str, str]]
+            ) -> dict[str, torch.Tensor]:
+    """Rename keys by the first rule whose pattern matches the whole key; keep the rest.
+
+    Keys no rule knows keep their names, so fit_state_dict names them as unexpected.
+    """
+    compiled = [(re.compile(pattern), template) for pattern, template in rules]
+    out = {}
+    for key, value in tensors.items():
+        for pattern, template in compiled:
+            match = pattern.fullmatch(key)
+            if match:
+                key = match.expand(template)
+                break
+        out[key] = value
+    return _merge_qkv(out)
+
+
+def _merge_qkv(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Stack separate blocks.i.attn.{q,k,v}.{weight,bias} into blocks.i.attn.qkv ([q; k; v])."""
+    out = {}
+    for key, value in state_dict.items():
+        match = re.fullmatch(r"(blocks\.\d+\.attn\.)([qkv])\.(weight|bias)", key)
+        if match is None:
+            out[key] = value
+            continue
+        stem, _, kind = match.groups()
+        parts = [f"{stem}{p}.{kind}" for p in "qkv"]
+        if all(p in state_dict for p in parts):
+            out[f"{stem}qkv.{kind}"] = torch.cat([state_dict[p] for p in parts], dim=0)
+        else:
+            out[key] = value  # incomplete: leave it for fit_state_dict to name
+    return out
+
+
+_TV = r"encoder\.layers\.encoder_layer_(\d+)\."
+_TORCHVISION_RULES = [
+    (r"class_token", "cls_token"),
+    (r"conv_proj\.(weight|bias)", r"patch_embed.proj.\1"),
+    (r"encoder\.pos_embedding", "pos_embed"),
+    (_TV + r"ln_1\.(weight|bias)", r"blocks.\1.norm1.\2"),
+    (_TV + r"self_attention\.in_proj_(weight|bias)", r"blocks.\1.attn.qkv.\2"),
+    (_TV + r"self_attention\.out_proj\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
+    (_TV + r"ln_2\.(weight|bias)", r"blocks.\1.norm2.\2"),
+    (_TV + r"mlp\.(?:0|linear_1)\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
+    (_TV + r"mlp\.(?:3|linear_2)\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
+    (r"encoder\.ln\.(weight|bias)", r"norm.\1"),
+    (r"heads\.pre_logits\.(weight|bias)", r"pre_logits.fc.\1"),
+    (r"heads\.head\.(weight|bias)", r"head.\1"),
+]
+
+# Files on the hub name layers encoder.layer.i.*; transformers 5 renamed its modules
+# (layers.i.attention.q_proj, ...) and converts back when saving, but a state_dict()
+# saved with torch.save has the new names. Both are accepted.
+_HF = r"(?:encoder\.layer|layers)\.(\d+)\."
+_HUGGING_FACE_RULES = [
+    (r"embeddings\.cls_token", "cls_token"),
+    (r"embeddings\.position_embeddings", "pos_embed"),
+    (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"patch_embed.proj.\1"),
+    (_HF + r"layernorm_before\.(weight|bias)", r"blocks.\1.norm1.\2"),
+    *[(_HF + rf"attention\.(?:attention\.{long}|{short}_proj)\.(weight|bias)",
+       rf"blocks.\1.attn.{short}.\2")
+      for long, short in (("query", "q"), ("key", "k"), ("value", "v"))],
+    (_HF + r"attention\.(?:output\.dense|o_proj)\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
+    (_HF + r"layernorm_after\.(weight|bias)", r"blocks.\1.norm2.\2"),
+    (_HF + r"(?:intermediate\.dense|mlp\.fc1)\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
+    (_HF + r"(?:output\.dense|mlp\.fc2)\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
+    (r"layernorm\.(weight|bias)", r"norm.\1"),
+    (r"pooler\.dense\.(weight|bias)", r"pre_logits.fc.\1"),
+    (r"classifier\.(weight|bias)", r"head.\1"),
+]
+
+
+def _read_hugging_face_folder(folder: Path) -> Weights:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return read_weights(folder / name)
+    if any(folder.glob("*.index.json")):
+        raise WeightsError(f"{folder} holds a sharded checkpoint, which this program does not "
+                           f"read; a ViT fits in one file: save it with a larger max_shard_size.")
+    raise WeightsError(f"{folder} is a folder without model.safetensors or pytorch_model.bin; "
+                       f"pass a weights file or a Hugging Face model folder.")
+
+
+def _hf_config(folder: Path) -> dict | None:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        return None
     try:
-        width, _, patch, _ = state_dict["patch_embed.proj.weight"].shape
-    except KeyError:
-        return "not a ViT in this project's names"
-    depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
-    size = {192: "Ti", 384: "S", 768: "B", 1024: "L", 1280: "H"}.get(width, f"width {width}")
-    tokens = state_dict["pos_embed"].shape[1] - 1 if "pos_embed" in state_dict else 0
-    side = int(round(tokens ** 0.5)) * patch
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise WeightsError(f"{config_path} is not valid JSON ({err}).") from None
+    if not isinstance(config, dict):
+        raise WeightsError(f"{config_path} is not a JSON object.")
+    return config
+
+
+def _from_hugging_face(tensors: dict[str, torch.Tensor], path: Path, config: dict | None,
+                       file_name: str) -> Weights:
+    tensors = {key.removeprefix("vit."): value for key, value in tensors.items()
+               # The mask token is for masked-image pretraining only.
+               if key.removeprefix("vit.") != "embeddings.mask_token"}
+    state_dict = _rename(tensors, _HUGGING_FACE_RULES)
+    architecture = "ViTForImageClassification" if "head.weight" in state_dict else "ViTModel"
+    pre_logits = state_dict.get("pre_logits.fc.weight")
     head = state_dict.get("head.weight")
-    classes = f", {head.shape[0]} classes" if head is not None else ""
-    logits = ", pre-logits" if "pre_logits.fc.weight" in state_dict else ""
-    return f"ViT-{size}/{patch} ({depth} blocks) at {side} px{classes}{logits}"
+    # Everything the shapes say, so VisionTransformer(**model_args) rebuilds the model.
+    model_args = {"num_classes": head.shape[0] if head is not None else 0,
+                  "representation_size": pre_logits.shape[0] if pre_logits is not None else None,
+                  "layer_norm_eps": _HF_LAYER_NORM_EPS}
+    class_names = None
+    if config is None:
+        source = f"{file_name}, no config.json: assumed layer_norm_eps {_HF_LAYER_NORM_EPS}"
+    else:
+        source = file_name
+        model_args.update(_hf_model_args(config, path, has_pooler=pre_logits is not None))
+        labels = config.get("id2label") or {}
+        names = [str(labels.get(str(i), labels.get(i, ""))) for i in range(len(labels))]
+        if names and not all(re.fullmatch(r"LABEL_\d+", n) for n in names):
+            class_names = names
+    return Weights(state_dict=state_dict, format=f"Hugging Face {architecture} ({source})",
+                   model_args=model_args, class_names=class_names)
+
+
+def _hf_model_args(config: dict, path: Path, has_pooler: bool) -> dict:
+    """VisionTransformer arguments from a Hugging Face ViTConfig; errors for what it lacks."""
+    where = path.parent / "config.json"
+    if config.get("model_type", "vit") != "vit":
+        raise WeightsError(f"{where} describes a '{config['model_type']}' model, not a plain "
+                           f"ViT; its weights would not compute the same function here.")
+    if config.get("hidden_act", "gelu") != "gelu":
+        raise WeightsError(f"{where} uses the activation '{config['hidden_act']}'; this model "
+                           f"has the exact GELU only.")
+    if has_pooler and config.get("pooler_act", "tanh") != "tanh":
+        raise WeightsError(f"{where} uses pooler_act '{config['pooler_act']}'; this model's "
+                           f"pre-logits layer has tanh only.")
+    args = {}
+    for hf_name, name in (("hidden_size", "embed_dim"), ("num_hidden_layers", "depth"),
+                          ("num_attention_heads", "num_heads"), ("image_size", "img_size"),
+                          ("patch_size", "patch_size"), ("num_channels", "in_chans"),
+                          ("qkv_bias", "qkv_bias"), ("layer_norm_eps", "layer_norm_eps")):
+        value = config.get(hf_name)
+        if isinstance(value, list | tuple):  # image_size / patch_size may be [h, w]
+            if len(set(value)) != 1:
+                raise WeightsError(f"{where} has a non-square {hf_name} {value}; this model "
+                                   f"takes square images and patches.")
+            value = value[0]
+        if value is not None:
+            args[name] = value
+    if "hidden_size" in config and "intermediate_size" in config:
+        args["mlp_ratio"] = config["intermediate_size"] / config["hidden_size"]
+    return args
+
+
+# Google's names inside Transformer/encoderblock_i/ -> ours inside blocks.i.
+_GOOGLE_BLOCK = {
+    "LayerNorm_0": "norm1",
+    "MultiHeadDotProductAttention_1/query": "attn.q",
+    "MultiHeadDotProductAttention_1/key": "attn.k",
+    "MultiHeadDotProductAttention_1/value": "attn.v",
+    "MultiHeadDotProductAttention_1/out": "attn.proj",
+    "LayerNorm_2": "norm2",
+    "MlpBlock_3/Dense_0": "mlp.fc1",
+    "MlpBlock_3/Dense_1": "mlp.fc2",
+}
+_GOOGLE_TOP = {
+    "embedding": "patch_embed.proj",
+    "Transformer/encoder_norm": "norm",
+    "pre_logits": "pre_logits.fc",
+    "head": "head",
+}
+
+
+def _from_google(tensors: dict[str, torch.Tensor], path: Path) -> Weights:
+    """Google's Flax names and layouts -> ours (see REFERENCE.md's mapping table)."""
+    prefix = next(k for k in sorted(tensors) if k.endswith("embedding/kernel"))
+    prefix = prefix[: -len("embedding/kernel")]
+    if f"{prefix}Transformer/encoderblock_0/LayerNorm_0/scale" not in tensors:
+        raise WeightsError(f"{path} is an .npz of another layout (no Transformer/encoderblock_0 "
+                           f"under '{prefix}'; big_vision files stack the blocks); only the "
+                           f"original ViT release layout is supported.")
+    # Files with opt/target/ also hold the optimiser's state under opt/state/: skip it.
+    tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    state_dict, num_heads = {}, None
+    for key, value in tensors.items():
+        module, _, leaf = key.rpartition("/")
+        block = re.fullmatch(r"Transformer/encoderblock_(\d+)/(.+)", module)
+        if key == "cls":
+            state_dict["cls_token"] = value
+        elif key == "Transformer/posembed_input/pos_embedding":
+            state_dict["pos_embed"] = value
+        elif block and block.group(2) in _GOOGLE_BLOCK:
+            name = f"blocks.{block.group(1)}.{_GOOGLE_BLOCK[block.group(2)]}"
+            if name.endswith((".attn.q", ".attn.k", ".attn.v")) and leaf == "kernel":
+                num_heads = value.shape[1]  # (D, heads, head_dim)
+            state_dict[_torch_name(name, leaf)] = _google_to_torch(value, leaf, name)
+        elif module in _GOOGLE_TOP:
+            name = _GOOGLE_TOP[module]
+            state_dict[_torch_name(name, leaf)] = _google_to_torch(value, leaf, name)
+        else:
+            state_dict[key] = value  # unknown: fit_state_dict names it
+    model_args = {"num_heads": int(num_heads)} if num_heads else {}
+    return Weights(state_dict=_merge_qkv(state_dict), format="Google .npz", model_args=model_args)
+
+
+def _torch_name(name: str, leaf: str) -> str:
+    return f"{name}.{'weight' if leaf in ('kernel', 'scale') else leaf}"
+
+
+def _google_to_torch(value: torch.Tensor, leaf: str, name: str) -> torch.Tensor:
+    """One Flax array -> PyTorch layout: kernels are (in, out), conv kernels HWIO."""
+    if leaf == "bias":
+        return value.reshape(-1).contiguous()  # per-head (heads, head_dim) biases flatten
+    if leaf != "kernel":
+        return value
+    if value.ndim == 4:
+        return value.permute(3, 2, 0, 1).contiguous()  # HWIO -> OIHW
+    if name.endswith("attn.proj"):
+        value = value.reshape(-1, value.shape[-1])    # (heads, head_dim, D) -> (D, D)
+    else:
+        value = value.reshape(value.shape[0], -1)     # q/k/v (D, heads, head_dim) -> (D, D)
+    return value.t().contiguous()                     # (in, out) -> (out, in)
+
+
+# --------------------------------------------------------------------------- fitting
+
+def describe_architecture(state_dict: dict[str, torch.Tensor]) -> str:
+    """Name the ViT a state dict looks like, e.g. 'ViT-B/32 (12 blocks, width 768) at 224 px'."""
+    patch_weight = state_dict.get("patch_embed.proj.weight")
+    if patch_weight is None or patch_weight.ndim != 4:
+        return f"not a ViT in this project's names (keys like {_first(sorted(state_dict), 2)})"
+    width, _, patch, _ = patch_weight.shape
+    depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
+    size = {192: "Ti", 384: "S", 768: "B", 1024: "L", 1280: "H"}.get(width, f"width-{width}")
+    text = f"ViT-{size}/{patch} ({depth} blocks, width {width})"
+    if "pos_embed" in state_dict:
+        grid = math.isqrt(state_dict["pos_embed"].shape[1] - 1)
+        text += f" at {grid * patch} px"
+    head = state_dict.get("head.weight")
+    text += f", {head.shape[0]} classes" if head is not None else ", no head"
+    if "pre_logits.fc.weight" in state_dict:
+        text += ", pre-logits"
+    return text
+
+
+def head_is_zero(state_dict: dict[str, torch.Tensor]) -> bool:
+    """Whether the head's weight exists and is all zeros, so its logits ignore the image.
+
+    Google zeroed the head of its ImageNet-21k release (ViT-B_16.npz, and the jx_..._in21k
+    .pth converted from it): such weights are for fine-tuning, not for predicting.
+    """
+    weight = state_dict.get("head.weight")
+    return weight is not None and not bool(weight.any())
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix_tokens: int = 1
+                       ) -> torch.Tensor:
+    """Resize a (1, prefix + g*g, C) position embedding to a new_grid x new_grid grid.
+
+    The class position is kept apart and unchanged; the grid is interpolated in 2-D
+    as the paper does for higher resolutions. The choice is timm's when it filters a
+    state dict: bicubic, align_corners=False, antialias=True (PyTorch then uses the
+    PIL-style cubic, which also low-pass filters when shrinking), computed in float32.
+    Other ports differ slightly (see REFERENCE.md), so fine-tuning is what makes the
+    result good, not the choice of filter.
+    """
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    old_grid = math.isqrt(grid.shape[1])
+    if old_grid * old_grid != grid.shape[1]:
+        raise WeightsError(f"The position embedding has {grid.shape[1]} grid positions, not a "
+                           f"square number; cannot resample it.")
+    if old_grid == new_grid:
+        return pos_embed
+    dim = grid.shape[-1]
+    grid = grid.float().reshape(1, old_grid, old_grid, dim).permute(0, 3, 1, 2)  # (1, C, H, W)
+    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False,
+                         antialias=True)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, dim)       # (1, H*W, C)
+    return torch.cat([prefix, grid.to(pos_embed.dtype)], dim=1)
 
 
 @dataclass
@@ -114,24 +568,31 @@ class LoadReport:
     loaded: int
     left_out: list[str]
     reason: str
+    # Changes made to fit, e.g. "resampled the position embedding from 14x14 to 24x24".
+    notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        if not self.left_out:
-            return f"Loaded all {self.loaded} tensors."
-        return f"Loaded {self.loaded} tensors; left out {', '.join(self.left_out)} ({self.reason})."
+        parts = [f"Loaded {self.loaded} tensors" if self.left_out or self.notes
+                 else f"Loaded all {self.loaded} tensors"]
+        if self.left_out:
+            parts.append(f"left out {', '.join(self.left_out)} ({self.reason})")
+        return "; ".join(parts + self.notes) + "."
 
 
 def fit_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]
                    ) -> tuple[dict[str, torch.Tensor], LoadReport]:
-    """Drop what fine-tuning replaces (head, pre-logits) and check that the rest fits exactly.
+    """Adapt a state dict in this project's names to a model built for fine-tuning.
 
-    The head goes when its shape differs from the model's or it is all zeros
-    (Google zeroed the ImageNet-21k head); pre-logits go when the model has
-    none. Any other difference raises WeightsError naming the keys.
+    The head goes when its shape differs from the model's or its weight is all
+    zeros (Google zeroed the ImageNet-21k head); pre-logits go when the model has
+    none; the position embedding is resampled (resample_pos_embed) when the file
+    was trained at another resolution. Anything else that differs raises
+    WeightsError naming the keys, e.g. another patch size or width.
     """
     target = model.state_dict()
     state_dict = dict(state_dict)
-    left_out, reasons = [], []
+    _check_patch_size(state_dict, target)
+    left_out, reasons, notes = [], [], []
 
     if not any(k.startswith("pre_logits.") for k in target):
         dropped = [k for k in state_dict if k.startswith("pre_logits.")]
@@ -140,34 +601,67 @@ def fit_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]
             reasons.append("the model has no pre-logits layer")
     head_keys = [k for k in state_dict if k.startswith("head.")]
     head_fits = all(k in target and target[k].shape == state_dict[k].shape for k in head_keys)
-    head_is_zero = bool(head_keys) and all(not state_dict[k].any() for k in head_keys)
-    if head_keys and (not head_fits or head_is_zero):
+    if head_keys and (not head_fits or head_is_zero(state_dict)):
         left_out += head_keys
-        classes = target["head.weight"].shape[0] if "head.weight" in target else 0
-        reasons.append(f"a new {classes}-class head is trained" if not head_fits
-                       else "its head is all zeros, so a new one is trained")
+        if "head.weight" not in target:
+            reasons.append("the model has no head")
+        elif not head_fits:
+            reasons.append(f"a new {target['head.weight'].shape[0]}-class head is trained")
+        else:
+            reasons.append("its head is all zeros, so a new one is trained")
     for key in left_out:
         state_dict.pop(key)
 
-    problems = []
+    old, new = state_dict.get("pos_embed"), target.get("pos_embed")
+    if old is not None and new is not None and old.shape != new.shape and \
+            old.shape[-1] == new.shape[-1]:
+        new_grid = math.isqrt(new.shape[1] - 1)
+        state_dict["pos_embed"] = resample_pos_embed(old, new_grid)
+        old_grid = math.isqrt(old.shape[1] - 1)
+        notes.append(f"resampled the position embedding from {old_grid}x{old_grid} to "
+                     f"{new_grid}x{new_grid} (bicubic)")
+
     # The model keeps its freshly initialised head when the file has none to give.
-    missing = [k for k in target if k not in state_dict and not k.startswith("head.")]
+    check_fits(state_dict, target, optional=("head.",))
+    return state_dict, LoadReport(loaded=len(state_dict), left_out=left_out,
+                                  reason="; ".join(reasons), notes=notes)
+
+
+def _check_patch_size(state_dict: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
+                      ) -> None:
+    theirs, ours = state_dict.get("patch_embed.proj.weight"), target.get("patch_embed.proj.weight")
+    if theirs is None or ours is None or theirs.shape[-2:] == ours.shape[-2:]:
+        return
+    raise WeightsError(f"The weights have patch size {theirs.shape[-1]} in the file, "
+                       f"{ours.shape[-1]} in the model: the file looks like "
+                       f"{describe_architecture(state_dict)}, the model is "
+                       f"{describe_architecture(target)}; build the model with "
+                       f"patch_size={theirs.shape[-1]} (e.g. a vit_*_patch{theirs.shape[-1]}_* "
+                       f"model).")
+
+
+def check_fits(state_dict: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
+               optional: tuple[str, ...] = ()) -> None:
+    """Raise WeightsError unless state_dict has exactly target's keys and shapes.
+
+    Keys of target that start with one of ``optional`` may be missing. The message
+    names the first differing keys with their shapes and what each side looks like.
+    """
+    missing = [k for k in target if k not in state_dict and not k.startswith(optional)]
     unexpected = [k for k in state_dict if k not in target]
     wrong_shape = [k for k in state_dict if k in target and state_dict[k].shape != target[k].shape]
+    problems = [f"{k} is {tuple(state_dict[k].shape)} in the file but {tuple(target[k].shape)} "
+                f"in the model" for k in wrong_shape[:3]]
+    if len(wrong_shape) > 3:
+        problems.append(f"{len(wrong_shape) - 3} more shapes differ")
     if missing:
         problems.append(f"missing {_first(missing)}")
     if unexpected:
         problems.append(f"unexpected {_first(unexpected)}")
-    if wrong_shape:
-        key = wrong_shape[0]
-        problems.append(f"{key} is {tuple(state_dict[key].shape)} in the file but "
-                        f"{tuple(target[key].shape)} in the model")
     if problems:
         raise WeightsError(f"The weights do not fit the model: {'; '.join(problems)}. The file "
                            f"looks like {describe_architecture(state_dict)}; the model is "
                            f"{describe_architecture(target)}.")
-    loaded = len(state_dict)
-    return state_dict, LoadReport(loaded=loaded, left_out=left_out, reason="; ".join(reasons))
 
 
 def _first(keys: list[str], n: int = 3) -> str:
@@ -176,7 +670,11 @@ def _first(keys: list[str], n: int = 3) -> str:
 
 
 def load_pretrained(model: nn.Module, path: str | Path) -> LoadReport:
-    """Load a weights file of any format into a model built for fine-tuning."""
+    """Load a weights file of any format into a model built for fine-tuning.
+
+    For Hugging Face files build the model with the file's layer_norm_eps
+    (``read_weights(path).model_args.get("layer_norm_eps")``) first.
+    """
     weights = read_weights(path)
     state_dict, report = fit_state_dict(model, weights.state_dict)
     model.load_state_dict(state_dict, strict=False)

@@ -1,0 +1,645 @@
+"""weights.py against the libraries that write each format.
+
+Every foreign format is written by its own library (timm, torchvision, Hugging
+Face transformers, safetensors; Google's .npz is written from the mapping and
+read back by timm's own .npz loader) from a model with random weights, then
+read here and compared by its outputs on the same input: a wrong mapping
+changes the logits, so it cannot pass.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from vit_model import VisionTransformer, create_model
+from weights import (
+    LoadReport,
+    Weights,
+    WeightsError,
+    describe_architecture,
+    fit_state_dict,
+    head_is_zero,
+    load_pretrained,
+    load_weights,
+    read_safetensors,
+    read_weights,
+    resample_pos_embed,
+)
+
+# A tiny ViT every library can build: 32 px, 8 px patches (4x4 grid), width 64, 2 blocks.
+TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
+
+
+def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Re-fill every parameter so a wrong mapping cannot hide behind default init."""
+    generator = torch.Generator().manual_seed(seed)
+    norm_weights = {id(m.weight) for m in module.modules() if isinstance(m, nn.LayerNorm)}
+    with torch.no_grad():
+        for param in module.parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            param.copy_(1.0 + 0.2 * noise if id(param) in norm_weights else 0.05 * noise)
+    return module.eval()
+
+
+def images(seed: int = 1, size: int = 32) -> torch.Tensor:
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_same_outputs(ours: torch.Tensor, reference: torch.Tensor) -> None:
+    assert ours.shape == reference.shape
+    error = (ours - reference).abs().max() / reference.abs().max()
+    assert error < 1e-4, f"relative difference {error:.2e}"
+
+
+def ours(weights: Weights | dict, **kwargs) -> VisionTransformer:
+    """Our model with TINY + kwargs, loaded with strict=True, in eval mode."""
+    state_dict = weights.state_dict if isinstance(weights, Weights) else weights
+    model = VisionTransformer(**{**TINY, **kwargs})
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval()
+
+
+def random_ours(seed: int = 0, **kwargs) -> VisionTransformer:
+    return randomize_(VisionTransformer(**{**TINY, "num_classes": 10, **kwargs}), seed)
+
+
+# --------------------------------------------------------------------------- timm
+
+def timm_vit(**kwargs) -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+    return TimmViT(**{**TINY, "global_pool": "token", **kwargs})
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_timm_file_gives_timm_logits(tmp_path, suffix):
+    reference = randomize_(timm_vit(num_classes=10))
+    path = tmp_path / f"model{suffix}"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+        save_file(reference.state_dict(), path)
+    else:
+        torch.save(reference.state_dict(), path)
+
+    weights = read_weights(path)
+
+    expected = "timm safetensors" if suffix == ".safetensors" else "timm / reproduced"
+    assert weights.format.startswith(expected)
+    x = images()
+    with torch.no_grad():
+        assert_same_outputs(ours(weights, num_classes=10)(x), reference(x))
+
+
+def test_format_comes_from_content_not_name(tmp_path):
+    reference = random_ours()
+    from safetensors.torch import save_file
+    misnamed = tmp_path / "model.pth"  # a safetensors file with a .pth name
+    save_file(reference.state_dict(), misnamed)
+    assert read_weights(misnamed).format == "timm safetensors"
+    misnamed_npz = tmp_path / "model.npz"  # a torch zip with an .npz name
+    torch.save(reference.state_dict(), misnamed_npz)
+    assert read_weights(misnamed_npz).format.startswith("timm / reproduced")
+
+
+def test_safetensors_reader_matches_the_library(tmp_path):
+    from safetensors.torch import load_file, save_file
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(3, 5, generator=generator),
+        "f16": torch.randn(7, generator=generator).half(),
+        "bf16": torch.randn(2, 3, generator=generator).bfloat16(),
+        "f64": torch.randn(4, generator=generator).double(),
+        "i64": torch.arange(-5, 6),
+        "i8": torch.arange(-3, 4, dtype=torch.int8),
+        "u8": torch.arange(0, 9, dtype=torch.uint8),
+        "bool": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 4),
+        "odd": torch.randn(3, generator=generator).half(),  # leaves later data unaligned
+        "after_odd": torch.randn(5, 3, generator=generator),
+    }
+    path = tmp_path / "mixed.safetensors"
+    save_file(tensors, path, metadata={"format": "pt"})
+
+    mine, library = read_safetensors(path), load_file(path)
+
+    assert set(mine) == set(library) == set(tensors)
+    for key, value in library.items():
+        assert mine[key].dtype == value.dtype, key
+        assert mine[key].shape == value.shape, key
+        assert torch.equal(mine[key], value), key
+
+
+def test_old_in21k_layout_with_pre_logits_and_zero_head(tmp_path):
+    """The jx_vit_base_patch16_224_in21k layout: timm names, pre_logits.fc, zero head."""
+    source = random_ours(representation_size=64, num_classes=21)
+    with torch.no_grad():
+        source.head.weight.zero_()
+        source.head.bias.zero_()
+    path = tmp_path / "jx_vit_tiny_patch8_32_in21k.pth"
+    torch.save(source.state_dict(), path)
+
+    weights = read_weights(path)
+    assert weights.format == "timm / reproduced repository .pth"
+    assert head_is_zero(weights.state_dict)
+    assert "pre_logits.fc.weight" in weights.state_dict
+    x = images()
+    with torch.no_grad():  # loads as it is into the same architecture (compare before the
+        model = ours(weights, representation_size=64, num_classes=21)  # zero head)
+        assert_same_outputs(model.forward_head(model.forward_features(x), pre_logits=True),
+                            source.forward_head(source.forward_features(x), pre_logits=True))
+
+    # The reproduced repository's fine-tuning model: has_logits=False, a 5-class head.
+    model = VisionTransformer(**TINY, num_classes=5).eval()
+    state_dict, report = fit_state_dict(model, weights.state_dict)
+    assert sorted(report.left_out) == ["head.bias", "head.weight", "pre_logits.fc.bias",
+                                       "pre_logits.fc.weight"]
+    assert "no pre-logits layer" in report.reason and "new 5-class head" in report.reason
+    model.load_state_dict(state_dict, strict=False)
+    with torch.no_grad():
+        assert_same_outputs(model.forward_features(x), source.forward_features(x))
+
+
+def test_fit_drops_a_zero_head_even_when_it_fits():
+    source = random_ours(num_classes=10)
+    with torch.no_grad():
+        source.head.weight.zero_()
+    model = VisionTransformer(**TINY, num_classes=10)
+    state_dict, report = fit_state_dict(model, source.state_dict())
+    assert "head.weight" not in state_dict and "all zeros" in str(report)
+
+
+def test_head_is_zero():
+    state_dict = random_ours().state_dict()
+    assert not head_is_zero(state_dict)
+    assert not head_is_zero({k: v for k, v in state_dict.items() if not k.startswith("head.")})
+    state_dict["head.weight"] = torch.zeros_like(state_dict["head.weight"])
+    assert head_is_zero(state_dict)  # the bias alone cannot make logits depend on the image
+
+
+# --------------------------------------------------------------------------- wrappers
+
+def _wrapped(kind: str, model: nn.Module) -> dict:
+    state_dict = model.state_dict()
+    if kind == "model":
+        return {"model": state_dict}
+    if kind == "state_dict":
+        return {"state_dict": state_dict, "epoch": 3, "optimizer_name": "sgd"}
+    if kind == "DataParallel":
+        return nn.DataParallel(model).state_dict()
+    if kind == "torch.compile":
+        return torch.compile(model).state_dict()
+    if kind == "DDP around torch.compile, nested":
+        return {"state_dict": {f"module._orig_mod.{k}": v for k, v in state_dict.items()}}
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["model", "state_dict", "DataParallel", "torch.compile",
+                                  "DDP around torch.compile, nested"])
+def test_wrappers_are_unwrapped(tmp_path, kind):
+    source = random_ours()
+    wrapped = _wrapped(kind, source)
+    if kind in ("DataParallel", "torch.compile"):  # the real wrappers really prefix
+        assert all(k.startswith(("module.", "_orig_mod.")) for k in wrapped)
+    path = tmp_path / "wrapped.pth"
+    torch.save(wrapped, path)
+
+    state_dict = load_weights(path)
+
+    assert list(state_dict) == list(source.state_dict())
+    assert all(torch.equal(state_dict[k], v) for k, v in source.state_dict().items())
+
+
+def test_this_projects_checkpoint(tmp_path):
+    source = random_ours(num_classes=3)
+    path = tmp_path / "best.pth"
+    torch.save({"model": source.state_dict(), "model_args": source.model_args,
+                "model_name": "vit_tiny", "class_names": ["a", "b", "c"], "epoch": 4}, path)
+    weights = read_weights(path)
+    assert weights.format == "this project"
+    assert weights.model_args == source.model_args
+    assert (weights.model_name, weights.class_names) == ("vit_tiny", ["a", "b", "c"])
+    x = images()
+    with torch.no_grad():
+        rebuilt = VisionTransformer(**weights.model_args)
+        rebuilt.load_state_dict(weights.state_dict, strict=True)
+        assert_same_outputs(rebuilt.eval()(x), source(x))
+
+
+# --------------------------------------------------------------------------- torchvision
+
+def torchvision_vit(representation_size: int | None = None) -> nn.Module:
+    from torchvision.models import VisionTransformer as TorchvisionViT
+    return TorchvisionViT(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64,
+                          mlp_dim=256, num_classes=10, representation_size=representation_size)
+
+
+@pytest.mark.parametrize("variant", ["vit_b_16", "pre-logits", "old mlp names", "safetensors"])
+def test_torchvision_gives_torchvision_logits(tmp_path, variant):
+    representation_size = 48 if variant == "pre-logits" else None
+    reference = randomize_(torchvision_vit(representation_size))
+    state_dict = reference.state_dict()
+    path = tmp_path / "vit_b_16.pth"
+    if variant == "old mlp names":  # torchvision < 0.13 named them linear_1 / linear_2
+        state_dict = {k.replace(".mlp.0.", ".mlp.linear_1.").replace(".mlp.3.", ".mlp.linear_2."): v
+                      for k, v in state_dict.items()}
+        assert any(".mlp.linear_1." in k for k in state_dict)
+    if variant == "safetensors":
+        from safetensors.torch import save_file
+        path = tmp_path / "vit_b_16.safetensors"
+        save_file(state_dict, path)
+    else:
+        torch.save(state_dict, path)
+
+    weights = read_weights(path)
+
+    assert weights.format.startswith("torchvision")
+    x = images()
+    with torch.no_grad():
+        model = ours(weights, num_classes=10, representation_size=representation_size)
+        assert_same_outputs(model(x), reference(x))
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+def hf_config(**kwargs):
+    import transformers
+    return transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=256, image_size=32, patch_size=8,
+                                  attn_implementation="eager", **kwargs)
+
+
+def _hf_files(reference: nn.Module, tmp_path, layout: str):
+    """Save a Hugging Face model the ways people have it; return the path to pass."""
+    folder = tmp_path / "hf"
+    reference.save_pretrained(folder)
+    if layout == "folder":
+        return folder
+    if layout == "model.safetensors":
+        return folder / "model.safetensors"
+    # transformers < 5 wrote torch.save(state_dict) with the names on the hub
+    # (safe_serialization=False); transformers 5 saves safetensors only.
+    from safetensors.torch import load_file
+    bin_folder = tmp_path / "hf_bin"
+    bin_folder.mkdir()
+    shutil.copy(folder / "config.json", bin_folder / "config.json")
+    if layout == "pytorch_model.bin folder":
+        torch.save(load_file(folder / "model.safetensors"), bin_folder / "pytorch_model.bin")
+        return bin_folder
+    if layout == "transformers 5 state_dict()":  # its in-memory names: layers.i.attention.q_proj
+        torch.save(reference.state_dict(), bin_folder / "pytorch_model.bin")
+        return bin_folder / "pytorch_model.bin"
+    raise AssertionError(layout)
+
+
+HF_LAYOUTS = ["folder", "model.safetensors", "pytorch_model.bin folder",
+              "transformers 5 state_dict()"]
+
+
+@pytest.mark.parametrize("layout", HF_LAYOUTS)
+def test_hugging_face_vitmodel_pooler_is_our_pre_logits(tmp_path, layout):
+    import transformers
+    reference = randomize_(transformers.ViTModel(hf_config()))
+    path = _hf_files(reference, tmp_path, layout)
+
+    weights = read_weights(path)
+
+    assert weights.format.startswith("Hugging Face ViTModel")
+    assert weights.model_args["layer_norm_eps"] == 1e-12
+    assert weights.model_args["representation_size"] == 64
+    assert weights.model_args["num_classes"] == 0
+    # model_args alone rebuild the network (this is what a caller does with them).
+    model = VisionTransformer(**weights.model_args)
+    model.load_state_dict(weights.state_dict, strict=True)
+    model.eval()
+    x = images()
+    with torch.no_grad():
+        expected = reference(pixel_values=x)
+        features = model.forward_features(x)
+        assert_same_outputs(features, expected.last_hidden_state)
+        assert_same_outputs(model.forward_head(features, pre_logits=True), expected.pooler_output)
+
+
+@pytest.mark.parametrize("layout", HF_LAYOUTS)
+def test_hugging_face_classifier_gives_its_logits(tmp_path, layout):
+    import transformers
+    labels = ["daisy", "roses", "tulips"]
+    config = hf_config(num_labels=3, id2label=dict(enumerate(labels)),
+                       label2id={name: i for i, name in enumerate(labels)})
+    reference = randomize_(transformers.ViTForImageClassification(config))
+    path = _hf_files(reference, tmp_path, layout)
+
+    weights = read_weights(path)
+
+    assert weights.format.startswith("Hugging Face ViTForImageClassification")
+    assert weights.class_names == labels
+    x = images()
+    with torch.no_grad():
+        model = ours(weights, num_classes=3, layer_norm_eps=weights.model_args["layer_norm_eps"])
+        assert_same_outputs(model(x), reference(pixel_values=x).logits)
+
+
+def test_hugging_face_file_without_config_assumes_its_eps(tmp_path):
+    import transformers
+    reference = randomize_(transformers.ViTForImageClassification(hf_config(num_labels=3)))
+    path = _hf_files(reference, tmp_path, "model.safetensors")
+    lonely = tmp_path / "lonely.safetensors"
+    shutil.copy(path, lonely)
+    weights = read_weights(lonely)
+    assert "no config.json" in weights.format
+    assert weights.model_args == {"num_classes": 3, "representation_size": None,
+                                  "layer_norm_eps": 1e-12}
+
+
+def test_hugging_face_config_with_another_activation_is_refused(tmp_path):
+    import transformers
+    reference = transformers.ViTModel(hf_config(hidden_act="gelu_new"))
+    reference.save_pretrained(tmp_path / "hf")
+    with pytest.raises(WeightsError, match="gelu_new"):
+        read_weights(tmp_path / "hf")
+
+
+# --------------------------------------------------------------------------- Google .npz
+
+def google_npz_arrays(state_dict: dict[str, torch.Tensor], num_heads: int) -> dict:
+    """Our state dict in the layout of Google's ViT-B_16.npz (REFERENCE.md's table)."""
+    def a(tensor):
+        return tensor.detach().numpy().copy()
+
+    width = state_dict["cls_token"].shape[-1]
+    head_dim = width // num_heads
+    out = {
+        "cls": a(state_dict["cls_token"]),
+        "embedding/kernel": a(state_dict["patch_embed.proj.weight"].permute(2, 3, 1, 0)),  # HWIO
+        "embedding/bias": a(state_dict["patch_embed.proj.bias"]),
+        "Transformer/posembed_input/pos_embedding": a(state_dict["pos_embed"]),
+        "Transformer/encoder_norm/scale": a(state_dict["norm.weight"]),
+        "Transformer/encoder_norm/bias": a(state_dict["norm.bias"]),
+    }
+    depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
+    for i in range(depth):
+        ours_, theirs = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
+        attention = theirs + "MultiHeadDotProductAttention_1/"
+        qkv_weight = state_dict[ours_ + "attn.qkv.weight"].chunk(3)
+        qkv_bias = state_dict[ours_ + "attn.qkv.bias"].chunk(3)
+        for name, weight, bias in zip(("query", "key", "value"), qkv_weight, qkv_bias,
+                                      strict=True):
+            out[f"{attention}{name}/kernel"] = a(weight.t().reshape(width, num_heads, head_dim))
+            out[f"{attention}{name}/bias"] = a(bias.reshape(num_heads, head_dim))
+        out[f"{attention}out/kernel"] = a(
+            state_dict[ours_ + "attn.proj.weight"].t().reshape(num_heads, head_dim, width))
+        out[f"{attention}out/bias"] = a(state_dict[ours_ + "attn.proj.bias"])
+        for google, mine in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
+            out[f"{theirs}{google}/scale"] = a(state_dict[f"{ours_}{mine}.weight"])
+            out[f"{theirs}{google}/bias"] = a(state_dict[f"{ours_}{mine}.bias"])
+        for google, mine in (("Dense_0", "fc1"), ("Dense_1", "fc2")):
+            out[f"{theirs}MlpBlock_3/{google}/kernel"] = a(
+                state_dict[f"{ours_}mlp.{mine}.weight"].t())
+            out[f"{theirs}MlpBlock_3/{google}/bias"] = a(state_dict[f"{ours_}mlp.{mine}.bias"])
+    for google, mine in (("pre_logits", "pre_logits.fc"), ("head", "head")):
+        if f"{mine}.weight" in state_dict:
+            out[f"{google}/kernel"] = a(state_dict[f"{mine}.weight"].t())
+            out[f"{google}/bias"] = a(state_dict[f"{mine}.bias"])
+    return out
+
+
+@pytest.mark.parametrize("pre_logits", [False, True], ids=["augreg", "in21k-pre-logits"])
+@pytest.mark.parametrize("prefix", ["", "opt/target/"])
+def test_google_npz_agrees_with_timms_npz_loader(tmp_path, pre_logits, prefix):
+    from timm.models.vision_transformer import _load_weights as timm_load_npz
+    source = random_ours(representation_size=64 if pre_logits else None)
+    arrays = {prefix + k: v for k, v in google_npz_arrays(source.state_dict(), 4).items()}
+    if prefix:  # the training state beside the parameters, as in Flax checkpoints
+        arrays["opt/state/step"] = np.array(1000)
+    path = tmp_path / "ViT-Ti_8.npz"
+    np.savez(path, **arrays)
+
+    weights = read_weights(path)
+    assert weights.format == "Google .npz"
+    assert weights.model_args == {"num_heads": 4}
+    model = ours(weights, num_classes=10, representation_size=64 if pre_logits else None)
+
+    # timm's own reader of Google's files (it ignores pre-logits: compare features then).
+    timm_model = timm_vit(num_classes=0 if pre_logits else 10).eval()
+    with torch.no_grad():
+        timm_load_npz(timm_model, str(path))
+    x = images()
+    with torch.no_grad():
+        assert_same_outputs(model.forward_features(x), timm_model.forward_features(x))
+        if not pre_logits:
+            assert_same_outputs(model(x), timm_model(x))
+        assert_same_outputs(model(x), source(x))
+
+
+def test_npz_of_another_layout_is_refused(tmp_path):
+    path = tmp_path / "big_vision.npz"
+    np.savez(path, **{"params/embedding/kernel": np.zeros((8, 8, 3, 64), np.float32),
+                      "params/Transformer/encoderblock/LayerNorm_0/scale": np.ones((2, 64))})
+    with pytest.raises(WeightsError, match="another layout"):
+        read_weights(path)
+
+
+# --------------------------------------------------------------------------- resolutions
+
+@pytest.mark.parametrize(("old_size", "new_size"), [(32, 48), (48, 32), (32, 64)])
+def test_position_embedding_is_resampled_like_timm(old_size, new_size):
+    from timm.layers import resample_abs_pos_embed
+    source = random_ours(img_size=old_size)
+    model = VisionTransformer(**{**TINY, "img_size": new_size}, num_classes=10)
+    old_grid, new_grid = old_size // 8, new_size // 8
+
+    state_dict, report = fit_state_dict(model, source.state_dict())
+
+    pos_embed = state_dict["pos_embed"]
+    assert pos_embed.shape == (1, 1 + new_grid ** 2, 64)
+    assert torch.equal(pos_embed[:, 0], source.pos_embed[:, 0])  # the class position is kept
+    expected = resample_abs_pos_embed(source.pos_embed.detach(), [new_grid, new_grid],
+                                      num_prefix_tokens=1)
+    torch.testing.assert_close(pos_embed, expected)
+    assert (f"resampled the position embedding from {old_grid}x{old_grid} to "
+            f"{new_grid}x{new_grid}") in str(report)
+    model.load_state_dict(state_dict, strict=True)
+
+
+def test_resample_keeps_a_smooth_grid_smooth():
+    # A linear ramp across the grid stays monotonic after upsampling.
+    ramp = torch.linspace(0, 1, 4).repeat(4, 1).reshape(1, 16, 1)
+    pos_embed = torch.cat([torch.full((1, 1, 1), 7.0), ramp], dim=1)
+    out = resample_pos_embed(pos_embed, 8)
+    assert out.shape == (1, 65, 1) and out[0, 0, 0] == 7.0
+    rows = out[0, 1:, 0].reshape(8, 8)
+    assert torch.all(rows[:, 1:] >= rows[:, :-1] - 1e-6)
+    assert torch.allclose(rows, rows[:1].expand(8, 8))
+
+
+def test_load_pretrained_reports_resampling(tmp_path):
+    path = tmp_path / "small.pth"
+    torch.save(random_ours().state_dict(), path)
+    model = VisionTransformer(**{**TINY, "img_size": 48}, num_classes=10)
+    report = load_pretrained(model, path)
+    assert isinstance(report, LoadReport)
+    assert "from 4x4 to 6x6" in str(report)
+    assert model.pos_embed.shape == (1, 37, 64)
+
+
+def test_other_patch_size_is_an_error_that_says_so():
+    source = random_ours()  # patch 8
+    model = VisionTransformer(**{**TINY, "patch_size": 16}, num_classes=10)
+    with pytest.raises(WeightsError, match="patch size 8 in the file, 16 in the model"):
+        fit_state_dict(model, source.state_dict())
+
+
+def test_base32_into_base16_names_both():
+    file_state = create_model("vit_base_patch32_224").state_dict()
+    model = create_model("vit_base_patch16_224", num_classes=5)
+    with pytest.raises(WeightsError) as error:
+        fit_state_dict(model, file_state)
+    message = str(error.value)
+    assert "patch size 32 in the file, 16 in the model" in message
+    assert "ViT-B/32 (12 blocks, width 768) at 224 px, 1000 classes" in message
+    assert "ViT-B/16 (12 blocks, width 768) at 224 px, 5 classes" in message
+
+
+def test_wider_model_names_the_first_mismatching_keys_and_shapes():
+    wide = random_ours(embed_dim=96)  # an "L into B"
+    model = VisionTransformer(**TINY, num_classes=10)
+    with pytest.raises(WeightsError) as error:
+        fit_state_dict(model, wide.state_dict())
+    message = str(error.value)
+    assert "cls_token is (1, 1, 96) in the file but (1, 1, 64) in the model" in message
+    assert "pos_embed is (1, 17, 96) in the file but (1, 17, 64) in the model" in message
+    assert "width 96" in message and "width 64" in message
+
+
+@pytest.mark.parametrize(("depth", "expected"), [
+    (3, "unexpected blocks.2.norm1.weight, blocks.2.norm1.bias, blocks.2.attn.qkv.weight"),
+    (1, "missing blocks.1.norm1.weight, blocks.1.norm1.bias, blocks.1.attn.qkv.weight"),
+])
+def test_other_depth_names_the_keys(depth, expected):
+    other = random_ours(depth=depth)
+    model = VisionTransformer(**TINY, num_classes=10)
+    with pytest.raises(WeightsError, match=expected.replace(".", r"\.")):
+        fit_state_dict(model, other.state_dict())
+
+
+def test_describe_architecture():
+    state_dict = create_model("vit_tiny_patch16_224", num_classes=21843,
+                              has_logits=True).state_dict()
+    assert describe_architecture(state_dict) == (
+        "ViT-Ti/16 (12 blocks, width 192) at 224 px, 21843 classes, pre-logits")
+    assert describe_architecture({"foo": torch.zeros(1)}).startswith("not a ViT")
+
+
+# --------------------------------------------------------------------------- safety
+
+class SideEffect:
+    """Unpickling this creates a file: what a malicious checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy-pickle"])
+def test_a_pickle_that_runs_code_is_refused_unrun(tmp_path, zip_format):
+    control_marker, marker = tmp_path / "control-ran", tmp_path / "pwned"
+    control, path = tmp_path / "control.pth", tmp_path / "evil.pth"
+    state_dict = random_ours().state_dict()
+    for file, flag in ((control, control_marker), (path, marker)):
+        torch.save({"model": state_dict, "extra": SideEffect(flag)}, file,
+                   _use_new_zipfile_serialization=zip_format)
+    # The fixture really is dangerous: unpickling it unguarded creates the file.
+    torch.load(control, weights_only=False)
+    assert control_marker.exists()
+
+    with pytest.raises(WeightsError, match="refusing to load") as error:
+        read_weights(path)
+
+    assert not marker.exists()
+    assert "open" in str(error.value) and str(path) in str(error.value)
+
+
+def test_an_npz_with_pickled_objects_is_refused_unrun(tmp_path):
+    control_marker, marker = tmp_path / "control-ran", tmp_path / "pwned"
+    control, path = tmp_path / "control.npz", tmp_path / "evil.npz"
+    for file, flag in ((control, control_marker), (path, marker)):
+        evil = np.empty(1, dtype=object)
+        evil[0] = SideEffect(flag)
+        np.savez(file, **{"embedding/kernel": np.zeros((8, 8, 3, 64), np.float32)}, evil=evil)
+    with np.load(control, allow_pickle=True) as npz:  # unguarded, it runs
+        npz["evil"]
+    assert control_marker.exists()
+
+    with pytest.raises(WeightsError, match="refusing to load"):
+        read_weights(path)
+
+    assert not marker.exists()
+
+
+def _valid_file(path):
+    state_dict = random_ours().state_dict()
+    if path.suffix == ".npz":
+        np.savez(path, **google_npz_arrays(state_dict, 4))
+    elif path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+        save_file(state_dict, path)
+    else:
+        torch.save(state_dict, path)
+    read_weights(path)  # the intact file reads
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "header only", "random bytes"])
+@pytest.mark.parametrize("suffix", [".pth", ".npz", ".safetensors"])
+def test_damaged_files_raise_weights_error(tmp_path, suffix, damage):
+    path = tmp_path / f"weights{suffix}"
+    _valid_file(path)
+    data = path.read_bytes()
+    if damage == "empty":
+        data = b""
+    elif damage == "truncated":
+        data = data[: len(data) // 2]
+    elif damage == "header only":
+        data = data[:100]
+    else:
+        data = random.Random(suffix).randbytes(len(data))
+    path.write_bytes(data)
+
+    with pytest.raises(WeightsError) as error:
+        read_weights(path)
+
+    assert str(path) in str(error.value)
+
+
+def test_legacy_pickle_truncated(tmp_path):
+    path = tmp_path / "old.pth"
+    torch.save(random_ours().state_dict(), path, _use_new_zipfile_serialization=False)
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(WeightsError, match="truncated or corrupt"):
+        read_weights(path)
+
+
+@pytest.mark.parametrize("content", [{"a": 1, "b": "text"}, [torch.zeros(1)],
+                                     {"foo.weight": torch.zeros(2)}])
+def test_not_a_vit_state_dict(tmp_path, content):
+    path = tmp_path / "odd.pth"
+    torch.save(content, path)
+    with pytest.raises(WeightsError, match=str(path)):
+        read_weights(path)
+
+
+def test_missing_and_unknown_files(tmp_path):
+    with pytest.raises(WeightsError, match="does not exist"):
+        read_weights(tmp_path / "nope.pth")
+    text = tmp_path / "notes.txt"
+    text.write_text("not weights")
+    with pytest.raises(WeightsError, match="not a weights file"):
+        read_weights(text)
+    with pytest.raises(WeightsError, match="without model.safetensors"):
+        read_weights(tmp_path)
