@@ -1,0 +1,242 @@
+"""Evaluate a checkpoint on a data folder: accuracy, per-class metrics, pictures, mistakes.
+
+    python evaluate.py --weights weights/best.pth                 # the validation split
+    python evaluate.py --weights weights/best.pth --all           # every image in the folder
+    python evaluate.py --weights weights/best.pth --data-path other_flowers --all
+
+The validation split is rebuilt as train.py made it: the seed and validation rate come
+from the checkpoint's "args" (train.py's defaults, 0 and 0.2, for files that lack them),
+and the data folder too unless --data-path is given. Writes to --output-dir:
+
+    metrics.json            accuracy, per-class precision / recall / F1, confusion matrix
+    metrics.csv             the per-class table
+    confusion_matrix.png
+    class_distribution.png  train / validation images per class
+    misclassified.csv       path, true, predicted, prob (most confident mistakes first)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import pickle
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from predict import load_classifier, predict_probs, resolve_weights
+from utils import UserError, read_split_data, select_device
+from visualize import (
+    confusion_matrix,
+    per_class_metrics,
+    plot_class_distribution,
+    plot_confusion_matrix,
+    save_figure,
+)
+from vit_model import list_models
+from weights import WeightsError
+
+TRAIN_DEFAULTS = {"data_path": "./flower_photos", "seed": 0, "val_rate": 0.2}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Evaluate a checkpoint: accuracy, per-class metrics, confusion matrix.")
+    parser.add_argument("--weights", default=None,
+                        help="checkpoint (default: best.pth in ./weights, else the newest "
+                             "model-*.pth there)")
+    parser.add_argument("--data-path", default=None,
+                        help="folder with one sub-folder per class (default: the one the "
+                             "checkpoint was trained on)")
+    parser.add_argument("--all", action="store_true",
+                        help="evaluate every image in the folder, not only the validation split")
+    parser.add_argument("--output-dir", default="./evaluation", help="where the results go")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the split (default: the checkpoint's)")
+    parser.add_argument("--val-rate", type=float, default=None,
+                        help="validation fraction of the split (default: the checkpoint's)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=None,
+                        help="image-loading processes (default: up to 4)")
+    parser.add_argument("--device", default="cuda:0",
+                        help="cuda:N, cpu or mps; falls back to the CPU when CUDA is absent")
+    parser.add_argument("--class-indices", default=None,
+                        help="class_indices.json, for weights that do not name their classes")
+    parser.add_argument("--model-name", default="vit_base_patch16_224_in21k",
+                        choices=list_models(), metavar="NAME",
+                        help="architecture, for weights that do not name it")
+    return parser
+
+
+def read_checkpoint_args(path: Path) -> dict:
+    """The "args" train.py stored in a checkpoint; {} for files without them.
+
+    mmap reads only the pickled header, not the tensors, so this is cheap even for
+    ViT-B's 330 MB; read_weights reports any problem with the file itself.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, ValueError, OSError, EOFError, pickle.UnpicklingError,
+            zipfile.BadZipFile):
+        return {}
+    args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    return dict(args) if isinstance(args, dict) else {}
+
+
+@dataclass
+class Evaluation:
+    class_names: list[str]
+    paths: list[Path]
+    labels: torch.Tensor  # (N,)
+    probs: torch.Tensor   # (N, C)
+
+    @property
+    def preds(self) -> torch.Tensor:
+        return self.probs.argmax(dim=1)
+
+    @property
+    def confusion(self) -> torch.Tensor:
+        return confusion_matrix(self.preds, self.labels, len(self.class_names))
+
+
+def metrics_dict(cm: torch.Tensor, class_names: list[str]) -> dict:
+    """Accuracy, per-class and averaged precision / recall / F1, from the confusion matrix
+    alone, so every number written agrees with the picture."""
+    per_class = per_class_metrics(cm)
+    support = per_class["support"].double()
+    total = int(cm.sum())
+    names = ("precision", "recall", "f1")
+    return {
+        "num_images": total,
+        "correct": int(cm.diag().sum()),
+        "accuracy": cm.diag().sum().item() / max(total, 1),
+        "classes": {name: {**{m: per_class[m][i].item() for m in names},
+                           "support": int(per_class["support"][i])}
+                    for i, name in enumerate(class_names)},
+        "macro_avg": {m: per_class[m].mean().item() for m in names},
+        "weighted_avg": {m: (per_class[m] * support).sum().item() / max(total, 1)
+                         for m in names},
+        "class_names": list(class_names),
+        "confusion_matrix": cm.tolist(),  # rows: true class, columns: predicted
+    }
+
+
+def format_table(metrics: dict) -> str:
+    width = max(12, *(len(n) for n in metrics["class_names"]))
+    lines = [f"{'class':<{width}}  precision  recall  f1-score  support"]
+    for name, row in metrics["classes"].items():
+        lines.append(f"{name:<{width}}  {row['precision']:9.4f}  {row['recall']:6.4f}  "
+                     f"{row['f1']:8.4f}  {row['support']:7d}")
+    for label, key in (("macro avg", "macro_avg"), ("weighted avg", "weighted_avg")):
+        row = metrics[key]
+        lines.append(f"{label:<{width}}  {row['precision']:9.4f}  {row['recall']:6.4f}  "
+                     f"{row['f1']:8.4f}  {metrics['num_images']:7d}")
+    lines.append(f"accuracy: {metrics['accuracy']:.4f} "
+                 f"({metrics['correct']} of {metrics['num_images']} images)")
+    return "\n".join(lines)
+
+
+def write_metrics_csv(metrics: dict, path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class", "precision", "recall", "f1", "support"])
+        for name, row in metrics["classes"].items():
+            writer.writerow([name, f"{row['precision']:.6f}", f"{row['recall']:.6f}",
+                             f"{row['f1']:.6f}", row["support"]])
+        for label, key in (("macro avg", "macro_avg"), ("weighted avg", "weighted_avg")):
+            row = metrics[key]
+            writer.writerow([label, f"{row['precision']:.6f}", f"{row['recall']:.6f}",
+                             f"{row['f1']:.6f}", metrics["num_images"]])
+
+
+def write_misclassified(result: Evaluation, path: Path) -> int:
+    """One row per wrong prediction, the most confident first; returns the row count."""
+    preds, names = result.preds, result.class_names
+    wrong = (preds != result.labels).nonzero().flatten().tolist()
+    confidence = result.probs.max(dim=1).values
+    wrong.sort(key=lambda i: -confidence[i].item())
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "true", "predicted", "prob"])
+        for i in wrong:
+            writer.writerow([str(result.paths[i]), names[result.labels[i]], names[preds[i]],
+                             f"{confidence[i].item():.4f}"])
+    return len(wrong)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1.")
+    weights_path = resolve_weights(args.weights)
+    trained_with = read_checkpoint_args(weights_path)
+    settings = {}
+    for key, default in TRAIN_DEFAULTS.items():
+        given = getattr(args, key)
+        settings[key] = given if given is not None else trained_with.get(key, default)
+    if not trained_with and (args.seed is None or args.val_rate is None):
+        print(f"note: {weights_path} does not record how it was trained; splitting with "
+              f"seed {settings['seed']} and val rate {settings['val_rate']}.", file=sys.stderr)
+    data_path = Path(settings["data_path"])
+    if not data_path.is_dir():
+        origin = "given" if args.data_path else "the checkpoint was trained on"
+        raise UserError(f"Data folder {data_path} ({origin}) does not exist; pass --data-path.")
+
+    split = read_split_data(data_path, settings["val_rate"], settings["seed"],
+                            warn=lambda text: print(text, file=sys.stderr))
+    device = select_device(args.device)
+    model, class_names = load_classifier(weights_path, args.class_indices, args.model_name)
+    if split.class_names != class_names:
+        raise UserError(f"{data_path} has the classes {', '.join(split.class_names)} but "
+                        f"{weights_path} was trained on {', '.join(class_names)}.")
+    if args.all:
+        paths = split.train_images + split.val_images
+        labels = split.train_labels + split.val_labels
+        subset = "all"
+    else:
+        paths, labels, subset = split.val_images, split.val_labels, "validation"
+    if not paths:
+        raise UserError(f"The split of {data_path} (val rate {settings['val_rate']}) has no "
+                        f"validation images; pass --all to evaluate every image.")
+    print(f"Evaluating {weights_path} on {len(paths)} {subset} images of {data_path} "
+          f"(split seed {settings['seed']}, val rate {settings['val_rate']}).")
+
+    probs = predict_probs(model, paths, device, args.batch_size, args.workers)
+    result = Evaluation(class_names, paths, torch.tensor(labels), probs)
+    cm = result.confusion
+    metrics = metrics_dict(cm, class_names)
+    print(format_table(metrics))
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"weights": str(weights_path), "data_path": str(data_path), "subset": subset,
+              "seed": settings["seed"], "val_rate": settings["val_rate"], **metrics}
+    (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_metrics_csv(metrics, out / "metrics.csv")
+    write_misclassified(result, out / "misclassified.csv")
+    title = f"Confusion matrix, {subset} images"
+    save_figure(plot_confusion_matrix(cm, class_names, title), out / "confusion_matrix.png")
+    train_counts = [split.train_labels.count(i) for i in range(len(class_names))]
+    val_counts = [split.val_labels.count(i) for i in range(len(class_names))]
+    save_figure(plot_class_distribution(class_names, train_counts, val_counts,
+                                        f"{data_path.name} class distribution"),
+                out / "class_distribution.png")
+    print(f"Results in {out}: metrics.json, metrics.csv, misclassified.csv, "
+          f"confusion_matrix.png, class_distribution.png")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (UserError, WeightsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
