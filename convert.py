@@ -1,0 +1,104 @@
+"""Convert ViT weights of any supported format into this project's parameter names.
+
+    python convert.py ViT-B_16.npz vit_base_patch16_224_in21k.pth
+    python convert.py google/vit-base-patch16-224-in21k/ vit_in21k.pth \\
+        --model-name vit_base_patch16_224_in21k
+
+SRC is anything weights.read_weights reads (timm / reproduced-repository .pth,
+.safetensors, Google .npz, a Hugging Face folder or file, torchvision). Without
+--model-name DST is a plain state dict. With it, the named model is built to
+match the file (its head's classes, pre-logits, resolution, and the
+layer_norm_eps / num_heads the file states) and loaded with strict=True to
+prove the weights fit; DST is then a checkpoint that rebuilds itself:
+{"model", "model_args", "model_name", "class_names", "source_format"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from vit_model import VisionTransformer, create_model
+from weights import Weights, WeightsError, check_fits, describe_architecture, read_weights
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", help="weights file or Hugging Face model folder")
+    parser.add_argument("dst", help="output .pth")
+    parser.add_argument("--model-name", default=None,
+                        help="a model of vit_model.py (e.g. vit_base_patch16_224_in21k) to build "
+                             "and load the weights into with strict=True")
+    return parser
+
+
+def build_matching_model(weights: Weights, model_name: str) -> VisionTransformer:
+    """The named model with the head, pre-logits, resolution and norms the file has."""
+    state_dict = weights.state_dict
+    head = state_dict.get("head.weight")
+    pre_logits = state_dict.get("pre_logits.fc.weight")
+    overrides = {"num_classes": head.shape[0] if head is not None else 0,
+                 "representation_size": pre_logits.shape[0] if pre_logits is not None else None}
+    patch = state_dict.get("patch_embed.proj.weight")
+    pos_embed = state_dict.get("pos_embed")
+    if patch is not None and pos_embed is not None:
+        overrides["img_size"] = math.isqrt(pos_embed.shape[1] - 1) * patch.shape[-1]
+    for key in ("layer_norm_eps", "num_heads"):
+        if key in weights.model_args:
+            overrides[key] = weights.model_args[key]
+    try:
+        return create_model(model_name, **overrides)
+    except ValueError as err:  # unknown name, or the file's sizes do not divide
+        raise WeightsError(str(err)) from None
+
+
+def save_atomically(obj: object, dst: Path) -> None:
+    """torch.save to a temporary file beside dst, then rename: no half-written dst."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        weights = read_weights(args.src)
+        state_dict = weights.state_dict
+        if args.model_name:
+            model = build_matching_model(weights, args.model_name)
+            check_fits(state_dict, model.state_dict())
+            model.load_state_dict(state_dict, strict=True)
+            output = {"model": state_dict, "model_args": model.model_args,
+                      "model_name": args.model_name, "class_names": weights.class_names,
+                      "source_format": weights.format}
+        else:
+            output = state_dict
+        save_atomically(output, Path(args.dst))
+    except WeightsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    fits = f"; loads into {args.model_name} with strict=True" if args.model_name else ""
+    print(f"Wrote {args.dst}: {len(state_dict)} tensors from {weights.format}, "
+          f"{describe_architecture(state_dict)}{fits}.")
+    eps = weights.model_args.get("layer_norm_eps")
+    if not args.model_name and eps is not None and eps != 1e-6:
+        print(f"note: these weights were trained with layer_norm_eps={eps}, which a plain state "
+              f"dict does not record; build the model with it, or convert with --model-name to "
+              f"store it.", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
