@@ -9,7 +9,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -20,11 +22,18 @@ from torch.utils.data import DataLoader
 from demo_data import make_demo_flowers
 from my_dataset import MyDataSet, build_transforms
 from utils import (
+    CheckpointWriter,
+    Distributed,
     NonFiniteLossError,
+    ShardSampler,
     Split,
+    StepSettings,
     UserError,
-    cosine_lambda,
+    epoch_checkpoints,
     evaluate,
+    init_distributed,
+    lr_lambda,
+    prune_checkpoints,
     read_split_data,
     save_checkpoint,
     select_device,
@@ -90,6 +99,45 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="data loader processes (default: min(cpus, batch size, 8))")
     parser.add_argument("--demo", action="store_true",
                         help="offline demo: generate synthetic flowers and train a small ViT")
+
+    speed = parser.add_argument_group("speed (each on where it helps; --no-X turns it off)")
+    speed.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                       help="mixed precision: bfloat16 where the GPU has it, else float16 with "
+                            "a gradient scaler (default: on for CUDA)")
+    speed.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                       help="TF32 matmuls for the float32 parts on CUDA")
+    speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                       help="torch.compile the model (pays off on long runs: compiling "
+                            "takes about a minute)")
+    speed.add_argument("--val-batch-size", type=int, default=None,
+                       help="validation batch (default: 2x --batch-size; no gradients to hold)")
+    speed.add_argument("--cache-val-features", action=argparse.BooleanOptionalAction,
+                       default=True, help="with a frozen backbone, compute the validation "
+                                          "features once and run only the head afterwards")
+
+    runs = parser.add_argument_group("never lose a run")
+    runs.add_argument("--resume", default=None, metavar="CKPT",
+                      help="continue from a model-*.pth; 'auto' takes the newest in "
+                           "--output-dir (and starts fresh when there is none)")
+    runs.add_argument("--keep", type=int, default=None, metavar="N",
+                      help="keep only the newest N epoch checkpoints besides best.pth "
+                           "(default: all, as the report)")
+
+    recipe = parser.add_argument_group("the paper's recipe, as options (defaults: the report's)")
+    recipe.add_argument("--opt", choices=("sgd", "adamw"), default="sgd")
+    recipe.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    recipe.add_argument("--wd", type=float, default=5e-5, help="weight decay")
+    recipe.add_argument("--warmup-epochs", type=int, default=0,
+                        help="linear warm-up epochs before the cosine decay")
+    recipe.add_argument("--clip-grad", type=float, default=None, metavar="NORM",
+                        help="clip the global gradient norm (the paper: 1)")
+    recipe.add_argument("--label-smoothing", type=float, default=0.0)
+    recipe.add_argument("--accum-steps", type=int, default=1,
+                        help="accumulate gradients over N batches (the paper's batch is 512)")
+    recipe.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate")
+    recipe.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                        help="random crops and flips for training (--no-augment: the "
+                             "evaluation transform only)")
     return parser
 
 
@@ -103,38 +151,48 @@ def apply_demo_settings(args: argparse.Namespace, parser: argparse.ArgumentParse
         make_demo_flowers(DEMO_DATA)
 
 
-def default_workers(batch_size: int) -> int:
-    return min(os.cpu_count() or 1, batch_size if batch_size > 1 else 0, 8)
+def default_workers(dist_info: Distributed) -> int:
+    """All the cores this process may use, shared among the processes on this machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist_info.world_size))
+    return min(max((cores or 1) // local_world, 1), 16)
 
 
-def build_dataloaders(split: Split, img_size: int, batch_size: int, workers: int,
-                      device: torch.device) -> tuple[DataLoader, DataLoader]:
-    train_set = MyDataSet(split.train_images, split.train_labels, build_transforms(img_size, True))
+def build_dataloaders(split: Split, args: argparse.Namespace, img_size: int, workers: int,
+                      device: torch.device, dist_info: Distributed
+                      ) -> tuple[DataLoader, DataLoader]:
+    train_set = MyDataSet(split.train_images, split.train_labels,
+                          build_transforms(img_size, train=args.augment))
     val_set = MyDataSet(split.val_images, split.val_labels, build_transforms(img_size, False))
-    common = dict(batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
-                  persistent_workers=workers > 0)
-    return (DataLoader(train_set, shuffle=True, **common),
-            DataLoader(val_set, shuffle=False, **common))
+    common = dict(num_workers=workers, pin_memory=device.type == "cuda",
+                  persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+    train_sampler = ShardSampler(len(train_set), shuffle=True, seed=args.seed, dist_info=dist_info)
+    val_sampler = ShardSampler(len(val_set), shuffle=False, dist_info=dist_info)
+    return (DataLoader(train_set, batch_size=args.batch_size, sampler=train_sampler, **common),
+            DataLoader(val_set, batch_size=args.val_batch_size or 2 * args.batch_size,
+                       sampler=val_sampler, **common))
 
 
-def build_model(args: argparse.Namespace, num_classes: int) -> VisionTransformer:
+def build_model(args: argparse.Namespace, num_classes: int, log=print) -> VisionTransformer:
     """The model to fine-tune, with the pretrained weights loaded when --weights is given."""
     overrides = dict(num_classes=num_classes, has_logits=False)
     if args.img_size:
         overrides["img_size"] = args.img_size
+    if args.drop_path:
+        overrides["drop_path_rate"] = args.drop_path
     if not args.weights:
         return create_model(args.model_name, **overrides)
     if not Path(args.weights).is_file():
         raise UserError(f"Weights file {args.weights} not found: download it with "
-                        f"'python download.py weights', or pass --weights '' to train from "
-                        f"scratch.")
+                        f"'python download.py weights' (or add --download), or pass "
+                        f"--weights '' to train from scratch.")
     weights = read_weights(args.weights)
     if "layer_norm_eps" in weights.model_args:  # Hugging Face files use 1e-12
         overrides["layer_norm_eps"] = weights.model_args["layer_norm_eps"]
     model = create_model(args.model_name, **overrides)
     state_dict, report = fit_state_dict(model, weights.state_dict)
     model.load_state_dict(state_dict, strict=False)
-    print(f"Weights {args.weights} ({weights.format}): {report}")
+    log(f"Weights {args.weights} ({weights.format}): {report}")
     return model
 
 
@@ -148,8 +206,75 @@ def freeze_backbone(model: VisionTransformer) -> list[str]:
     return trainable
 
 
+def build_optimizer(args: argparse.Namespace, params: list, device: torch.device
+                    ) -> torch.optim.Optimizer:
+    kwargs = dict(lr=args.lr, weight_decay=args.wd)
+    if args.opt == "sgd":
+        kwargs["momentum"] = args.momentum
+    optimizer_class = torch.optim.SGD if args.opt == "sgd" else torch.optim.AdamW
+    if device.type == "cuda":
+        try:  # one fused kernel for the whole update, where this torch has it
+            return optimizer_class(params, fused=True, **kwargs)
+        except (TypeError, RuntimeError):
+            pass
+    return optimizer_class(params, **kwargs)
+
+
+def amp_settings(args: argparse.Namespace, device: torch.device
+                 ) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
+    """bfloat16 autocast where the GPU supports it; float16 needs a gradient scaler."""
+    use_amp = device.type == "cuda" if args.amp is None else args.amp
+    if not use_amp:
+        return None, None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16, torch.amp.GradScaler("cuda")
+    return torch.bfloat16, None
+
+
+def rng_states() -> dict:
+    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        with contextlib.suppress(RuntimeError, IndexError):
+            torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def resolve_resume(args: argparse.Namespace, log=print) -> dict | None:
+    """The checkpoint to continue from, or None to start fresh."""
+    if not args.resume:
+        return None
+    if args.resume == "auto":
+        found = epoch_checkpoints(args.output_dir)
+        if not found:
+            log(f"--resume auto: no checkpoint in {args.output_dir}; starting fresh.")
+            return None
+        path = found[-1][1]
+    else:
+        path = Path(args.resume)
+        if not path.is_file():
+            raise UserError(f"--resume {path}: no such checkpoint.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated file, or not a checkpoint at all
+        raise UserError(f"--resume {path} cannot be read ({type(err).__name__}); pick an "
+                        f"earlier model-*.pth.") from None
+    if not isinstance(checkpoint, dict) or "optimizer" not in checkpoint:
+        raise UserError(f"{path} is not an epoch checkpoint of train.py (it has no optimizer "
+                        f"state); use it as --weights to fine-tune from it instead.")
+    log(f"Resuming from {path} (epoch {checkpoint['epoch']} done).")
+    return checkpoint
+
+
 def make_checkpoint(model: VisionTransformer, args: argparse.Namespace, split: Split,
-                    epoch: int, metrics: dict) -> dict:
+                    epoch: int, metrics: dict, **state) -> dict:
+    """Everything predict.py needs (model, its arguments, class names) and resume needs."""
     return {
         "model": model.state_dict(),
         "model_name": args.model_name,
@@ -157,22 +282,32 @@ def make_checkpoint(model: VisionTransformer, args: argparse.Namespace, split: S
         "class_names": split.class_names,
         "epoch": epoch,
         "metrics": metrics,
-        "args": {k: v for k, v in vars(args).items()},
+        "args": dict(vars(args)),
+        **state,
     }
 
 
 def train(args: argparse.Namespace) -> int:
-    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
-        raise UserError("--epochs and --batch-size must be at least 1 and --lr positive.")
+    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or args.accum_steps < 1:
+        raise UserError("--epochs, --batch-size and --accum-steps must be at least 1 and --lr "
+                        "positive.")
     device = select_device(args.device)
+    dist_info = init_distributed(device)
+    if dist_info.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
+    log = print if dist_info.is_main else (lambda *a, **k: None)
+    if device.type == "cuda" and args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)
 
-    split = read_split_data(args.data_path, args.val_rate, args.seed)
-    print(f"{split.num_images} images were found in the dataset.")
-    print(f"{len(split.train_images)} images for training.")
-    print(f"{len(split.val_images)} images for validation.")
+    split = read_split_data(args.data_path, args.val_rate, args.seed,
+                            warn=log if dist_info.is_main else (lambda *a: None))
+    log(f"{split.num_images} images were found in the dataset.")
+    log(f"{len(split.train_images)} images for training.")
+    log(f"{len(split.val_images)} images for validation.")
     if split.skipped:
-        print(f"{len(split.skipped)} unreadable files were skipped.")
+        log(f"{len(split.skipped)} unreadable files were skipped.")
     if not split.train_images or not split.val_images:
         raise UserError(f"{args.data_path} gives {len(split.train_images)} training and "
                         f"{len(split.val_images)} validation images; both need at least one "
@@ -182,50 +317,125 @@ def train(args: argparse.Namespace) -> int:
         raise UserError(f"--num-classes {args.num_classes} but {args.data_path} has "
                         f"{num_classes} class folders ({', '.join(split.class_names)}).")
 
-    model = build_model(args, num_classes).to(device)
+    resume = resolve_resume(args, log)
+    if resume is not None:
+        if resume.get("class_names") != split.class_names:
+            raise UserError(f"--resume: the checkpoint's classes {resume.get('class_names')} "
+                            f"differ from {args.data_path}'s {split.class_names}.")
+        model = VisionTransformer(**resume["model_args"])
+        model.load_state_dict(resume["model"])
+    else:
+        model = build_model(args, num_classes, log)
+    model.to(device)
     img_size = model.patch_embed.img_size
-    workers = default_workers(args.batch_size) if args.workers is None else args.workers
-    print(f"Using {workers} dataloader workers every process")
-    train_loader, val_loader = build_dataloaders(split, img_size, args.batch_size, workers, device)
+    workers = default_workers(dist_info) if args.workers is None else args.workers
+    log(f"Using {workers} dataloader workers every process")
+    train_loader, val_loader = build_dataloaders(split, args, img_size, workers, device,
+                                                 dist_info)
 
     if args.freeze_layers:
-        if not args.weights:
-            print("note: --freeze-layers with no pretrained weights trains only the head on "
-                  "random features; add --no-freeze-layers to train the whole network.")
-        trainable = freeze_backbone(model)
-        print(f"Training only: {', '.join(trainable)}")
+        if not args.weights and resume is None:
+            log("note: --freeze-layers with no pretrained weights trains only the head on "
+                "random features; add --no-freeze-layers to train the whole network.")
+        log(f"Training only: {', '.join(freeze_backbone(model))}")
     params = [p for p in model.parameters() if p.requires_grad]
-    print(f"Trainable parameters: {sum(p.numel() for p in params):,} of "
-          f"{sum(p.numel() for p in model.parameters()):,}")
-    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=5e-5)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lambda(args.epochs, args.lrf))
+    log(f"Trainable parameters: {sum(p.numel() for p in params):,} of "
+        f"{sum(p.numel() for p in model.parameters()):,}")
+    optimizer = build_optimizer(args, params, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(args.epochs, args.lrf, args.warmup_epochs))
+    amp_dtype, scaler = amp_settings(args, device)
+    if amp_dtype is not None:
+        log(f"Mixed precision: {str(amp_dtype).replace('torch.', '')} autocast.")
+
+    start_epoch, best_acc = 0, -1.0
+    log_dir = Path(args.log_dir) / time.strftime("%Y%m%d-%H%M%S")
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["lr_scheduler"])
+        if scaler is not None and resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
+        start_epoch, best_acc = resume["epoch"] + 1, resume["best_acc"]
+        log_dir = Path(resume.get("log_dir", log_dir))  # the curves go on in the same run
+        set_rng_states(resume["rng_states"])
+        del resume  # the checkpoint's tensors are in the model now; free the copies
+
+    runner = torch.compile(model) if args.compile else model
+    if dist_info.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        runner = DistributedDataParallel(
+            runner, device_ids=[device.index] if device.type == "cuda" else None)
+    settings = StepSettings(amp_dtype, scaler, args.accum_steps, args.clip_grad,
+                            args.label_smoothing)
+    features_cache = {} if args.freeze_layers and args.cache_val_features else None
 
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_class_indices(split.class_names, output_dir / "class_indices.json")
-    from torch.utils.tensorboard import SummaryWriter  # heavy; only when training
-    log_dir = Path(args.log_dir) / time.strftime("%Y%m%d-%H%M%S")
-    best_acc = -1.0
-    with SummaryWriter(log_dir=str(log_dir)) as writer:
-        for epoch in range(args.epochs):
+    writer = saver = None
+    if dist_info.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_class_indices(split.class_names, output_dir / "class_indices.json")
+        from torch.utils.tensorboard import SummaryWriter  # heavy; only when training
+
+        writer = SummaryWriter(log_dir=str(log_dir))
+        saver = CheckpointWriter()
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            train_loader.sampler.set_epoch(epoch)
             lr = optimizer.param_groups[0]["lr"]
-            train_stats = train_one_epoch(model, optimizer, train_loader, device, epoch)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            # join() lets ranks whose share is one batch shorter finish the epoch cleanly.
+            uneven = runner.join() if dist_info.enabled else contextlib.nullcontext()
+            with uneven:
+                train_stats = train_one_epoch(runner, optimizer, train_loader, device, epoch,
+                                              settings, dist_info)
             scheduler.step()
-            val_stats = evaluate(model, val_loader, device, epoch)
+            val_stats = evaluate(runner, val_loader, device, epoch, amp_dtype, dist_info,
+                                 features_cache)
             metrics = {"train_loss": train_stats["loss"], "train_acc": train_stats["acc"],
                        "val_loss": val_stats["loss"], "val_acc": val_stats["acc"],
-                       "learning_rate": lr}
+                       "learning_rate": lr, "images_per_sec": train_stats["images_per_sec"]}
+            if device.type == "cuda":
+                metrics["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if not dist_info.is_main:
+                continue
             for tag, value in metrics.items():
                 writer.add_scalar(tag, value, epoch)
             writer.flush()
+            is_best = val_stats["acc"] > best_acc
+            best_acc = max(best_acc, val_stats["acc"])
+            checkpoint = make_checkpoint(
+                model, args, split, epoch, metrics, best_acc=best_acc,
+                optimizer=optimizer.state_dict(), lr_scheduler=scheduler.state_dict(),
+                scaler=scaler.state_dict() if scaler is not None else None,
+                rng_states=rng_states(), log_dir=str(log_dir),
+                samples={"train": train_stats["samples"], "val": val_stats["samples"]})
+            paths = [output_dir / f"model-{epoch}.pth"] + ([output_dir / "best.pth"]
+                                                           if is_best else [])
+            saver.save(checkpoint, paths, after=lambda: prune_checkpoints(output_dir, args.keep))
+    except KeyboardInterrupt:
+        if dist_info.is_main:
+            saver.wait()
+            save_checkpoint(make_checkpoint(model, args, split, epoch - 1, {},
+                                            interrupted_in_epoch=epoch),
+                            output_dir / "interrupted.pth")
+            print(f"\nInterrupted in epoch {epoch}. The weights at that moment are in "
+                  f"{output_dir / 'interrupted.pth'}; continue the run with the same command "
+                  f"and --resume auto (from the last complete epoch).", file=sys.stderr)
+        return 130
+    finally:
+        if saver is not None:
+            saver.close()
+        if writer is not None:
+            writer.close()
+        if dist_info.enabled:
+            import torch.distributed as dist
 
-            checkpoint = make_checkpoint(model, args, split, epoch, metrics)
-            save_checkpoint(checkpoint, output_dir / f"model-{epoch}.pth")
-            if val_stats["acc"] > best_acc:
-                best_acc = val_stats["acc"]
-                save_checkpoint(checkpoint, output_dir / "best.pth")
-    print(f"Best validation accuracy {best_acc:.4f}; checkpoints in {output_dir}, "
-          f"curves in {log_dir} (tensorboard --logdir {args.log_dir}).")
+            dist.destroy_process_group()
+    log(f"Best validation accuracy {best_acc:.4f}; checkpoints in {output_dir}, "
+        f"curves in {log_dir} (tensorboard --logdir {args.log_dir}).")
     return 0
 
 

@@ -7,6 +7,7 @@ import math
 import os
 import random
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,59 +139,230 @@ def select_device(name: str) -> torch.device:
 
 
 
+# --------------------------------------------------------------------------- distributed
+
+@dataclass
+class Distributed:
+    """This process's place in a torchrun job; rank 0 of 1 without torchrun."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> Distributed:
+    """Join the process group when started by torchrun (RANK and WORLD_SIZE are set)."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return Distributed()
+    import torch.distributed as dist
+
+    dist_info = Distributed(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                            int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(dist_info.local_rank)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return dist_info
+
+
+def all_reduce_sums(values: list[float], device: torch.device, dist_info: Distributed
+                    ) -> list[float]:
+    """Sum per-rank totals (loss sums, correct counts, samples) over all ranks."""
+    if not dist_info.enabled:
+        return values
+    import torch.distributed as dist
+
+    reduce_device = device if device.type == "cuda" else torch.device("cpu")
+    tensor = torch.tensor(values, dtype=torch.float64, device=reduce_device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Every sample once per epoch, this rank's share; reshuffled from seed + epoch.
+
+    Unlike DistributedSampler it never pads with repeated samples, so the sample
+    counts (and validation metrics) equal a one-process run's; DDP's join()
+    absorbs the one-batch difference between ranks that this can leave.
+    """
+
+    def __init__(self, num_samples: int, shuffle: bool, seed: int = 0,
+                 dist_info: Distributed | None = None) -> None:
+        self.num_samples = num_samples
+        self.shuffle = shuffle
+        self.seed = seed
+        self.dist_info = dist_info or Distributed()
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.num_samples, generator=generator).tolist()
+        else:
+            order = list(range(self.num_samples))
+        return order[self.dist_info.rank::self.dist_info.world_size]
+
+    def __iter__(self):
+        return iter(self._indices())
+
+    def __len__(self) -> int:
+        return len(range(self.dist_info.rank, self.num_samples, self.dist_info.world_size))
+
+
 # --------------------------------------------------------------------------- loops
 
-def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
-                    data_loader, device: torch.device, epoch: int) -> dict[str, float]:
-    """One pass over the training data; loss and accuracy averaged over samples."""
-    model.train()
-    loss_function = nn.CrossEntropyLoss()
-    total_loss, total_correct, total_seen = 0.0, 0, 0
-    bar = tqdm(data_loader, file=sys.stdout, dynamic_ncols=True)
-    for step, (images, labels) in enumerate(bar):
-        images, labels = images.to(device), labels.to(device)
-        logits = model(images)
-        loss = loss_function(logits, labels)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"The loss became {loss.item()} at epoch {epoch}, step "
-                                     f"{step}; training stopped (lower --lr?). The last good "
-                                     f"checkpoint is kept.")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+@dataclass
+class StepSettings:
+    """How one optimisation step runs: precision, accumulation, clipping, loss."""
 
+    amp_dtype: torch.dtype | None = None  # None: full float32
+    scaler: torch.amp.GradScaler | None = None  # only for float16
+    accum_steps: int = 1
+    clip_grad: float | None = None
+    label_smoothing: float = 0.0
+
+
+def _bar(data_loader, show: bool):
+    return tqdm(data_loader, file=sys.stdout, dynamic_ncols=True, disable=not show)
+
+
+def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader,
+                    device: torch.device, epoch: int, settings: StepSettings | None = None,
+                    dist_info: Distributed | None = None) -> dict[str, float]:
+    """One pass over the training data; loss and accuracy averaged over samples."""
+    settings = settings or StepSettings()
+    dist_info = dist_info or Distributed()
+    model.train()
+    loss_function = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    # Sums stay on the device: a .item() per step would stall the GPU queue.
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    total_correct = torch.zeros((), dtype=torch.int64, device=device)
+    total_seen = 0
+    first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+    start = time.perf_counter()
+    bar = _bar(data_loader, dist_info.is_main)
+    optimizer.zero_grad(set_to_none=True)
+    steps = len(data_loader)
+    for step, (images, labels) in enumerate(bar):
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=settings.amp_dtype or torch.float32,
+                            enabled=settings.amp_dtype is not None):
+            logits = model(images)
+            loss = loss_function(logits.float(), labels)
+        update = (step + 1) % settings.accum_steps == 0 or step + 1 == steps
+        scaled = loss / settings.accum_steps
+        if settings.scaler is not None:
+            scaled = settings.scaler.scale(scaled)
+        scaled.backward()
+        if update:
+            if settings.clip_grad:
+                if settings.scaler is not None:
+                    settings.scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, settings.clip_grad)
+            if settings.scaler is not None:
+                settings.scaler.step(optimizer)
+                settings.scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        # Recorded on the device, read every 20 steps: the exact step, without a sync per step.
+        bad = (~torch.isfinite(loss.detach())) & (first_bad_step < 0)
+        first_bad_step = torch.where(bad, step, first_bad_step)
         batch = labels.shape[0]
-        total_loss += loss.item() * batch
-        total_correct += (logits.argmax(dim=1) == labels).sum().item()
+        total_loss += loss.detach().double() * batch
+        total_correct += (logits.argmax(dim=1) == labels).sum()
         total_seen += batch
-        bar.desc = (f"[train epoch {epoch}] loss: {total_loss / total_seen:.3f}, "
-                    f"acc: {total_correct / total_seen:.3f}")
-    return {"loss": total_loss / max(total_seen, 1), "acc": total_correct / max(total_seen, 1),
-            "samples": total_seen}
+        # Checking (and printing) every step would synchronise with the GPU each time.
+        if step % 20 == 0 or step + 1 == steps:
+            if first_bad_step.item() >= 0:
+                raise NonFiniteLossError(
+                    f"The loss became NaN or infinite at epoch {epoch}, step "
+                    f"{first_bad_step.item()}; training stopped (lower --lr?). The last good "
+                    f"checkpoint is kept.")
+            mean_loss = total_loss.item() / total_seen
+            rate = total_seen * dist_info.world_size / (time.perf_counter() - start)
+            bar.desc = (f"[train epoch {epoch}] loss: {mean_loss:.3f}, "
+                        f"acc: {total_correct.item() / total_seen:.3f}")
+            bar.set_postfix_str(f"{rate:.0f} img/s", refresh=False)
+    loss_sum, correct, seen = all_reduce_sums(
+        [total_loss.item(), float(total_correct.item()), float(total_seen)], device, dist_info)
+    elapsed = time.perf_counter() - start
+    return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1),
+            "samples": int(seen), "images_per_sec": seen / max(elapsed, 1e-9)}
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data_loader, device: torch.device, epoch: int) -> dict[str, float]:
-    """Loss and accuracy over the validation set, averaged over samples (not batches)."""
+def evaluate(model: nn.Module, data_loader, device: torch.device, epoch: int,
+             amp_dtype: torch.dtype | None = None, dist_info: Distributed | None = None,
+             features_cache: dict | None = None) -> dict[str, float]:
+    """Loss and accuracy over the validation set, averaged over samples (not batches).
+
+    With features_cache (a dict, for a frozen backbone), the class-token features are
+    computed on the first call and only the head runs on later ones: same numbers, a
+    fraction of the time.
+    """
+    dist_info = dist_info or Distributed()
     model.eval()
     loss_function = nn.CrossEntropyLoss(reduction="sum")
-    total_loss, total_correct, total_seen = 0.0, 0, 0
-    bar = tqdm(data_loader, file=sys.stdout, dynamic_ncols=True)
-    for images, labels in bar:
-        images, labels = images.to(device), labels.to(device)
-        logits = model(images)
-        total_loss += loss_function(logits, labels).item()
-        total_correct += (logits.argmax(dim=1) == labels).sum().item()
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    total_correct = torch.zeros((), dtype=torch.int64, device=device)
+    total_seen = 0
+    core = getattr(model, "module", model)  # under DDP the head lives on .module
+    core = getattr(core, "_orig_mod", core)  # and under torch.compile on ._orig_mod
+    cached = features_cache is not None and "features" in features_cache
+    batches = (list(zip(features_cache["features"], features_cache["labels"], strict=True))
+               if cached else data_loader)
+    new_features, new_labels = [], []
+    bar = _bar(batches, dist_info.is_main)
+    for step, (inputs, labels) in enumerate(bar):
+        inputs = inputs.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                            enabled=amp_dtype is not None):
+            if cached:
+                logits = core.head(core.pre_logits(inputs))
+            elif features_cache is not None:
+                tokens = core.forward_features(inputs)[:, 0]
+                new_features.append(tokens)
+                new_labels.append(labels)
+                logits = core.head(core.pre_logits(tokens))
+            else:
+                logits = model(inputs)
+        total_loss += loss_function(logits.float(), labels).double()
+        total_correct += (logits.argmax(dim=1) == labels).sum()
         total_seen += labels.shape[0]
-        bar.desc = (f"[valid epoch {epoch}] loss: {total_loss / total_seen:.3f}, "
-                    f"acc: {total_correct / total_seen:.3f}")
-    return {"loss": total_loss / max(total_seen, 1), "acc": total_correct / max(total_seen, 1),
-            "samples": total_seen}
+        if step % 20 == 0 or step + 1 == len(batches):
+            bar.desc = (f"[valid epoch {epoch}] loss: {total_loss.item() / total_seen:.3f}, "
+                        f"acc: {total_correct.item() / total_seen:.3f}")
+    if features_cache is not None and not cached:
+        features_cache.update(features=new_features, labels=new_labels)
+    loss_sum, correct, seen = all_reduce_sums(
+        [total_loss.item(), float(total_correct.item()), float(total_seen)], device, dist_info)
+    return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1), "samples": int(seen)}
 
 
-def cosine_lambda(epochs: int, lrf: float):
-    """The report's schedule, a factor on lr: from 1 at epoch 0 down to lrf at the end."""
-    return lambda epoch: ((1 + math.cos(epoch * math.pi / epochs)) / 2) * (1 - lrf) + lrf
+def lr_lambda(epochs: int, lrf: float, warmup_epochs: int = 0):
+    """The report's cosine schedule as a factor on lr, 1 at the first epoch down towards lrf;
+    with warmup, a linear ramp over the first epochs, then the cosine over the rest."""
+    def factor(epoch: int) -> float:
+        if epoch < warmup_epochs:
+            return (epoch + 1) / (warmup_epochs + 1)
+        t = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1)
+        return ((1 + math.cos(t * math.pi)) / 2) * (1 - lrf) + lrf
+    return factor
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -213,15 +385,72 @@ def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def epoch_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
+    """(epoch, path) of every model-{epoch}.pth in folder, oldest first."""
+    found = []
+    for path in Path(folder).glob("model-*.pth"):
+        try:
+            found.append((int(path.stem.split("-", 1)[1]), path))
+        except ValueError:
+            continue
+    return sorted(found)
+
+
+def prune_checkpoints(folder: str | Path, keep: int | None) -> None:
+    """Delete all but the newest `keep` epoch checkpoints; best.pth is never touched."""
+    if keep is None:
+        return
+    for _, path in epoch_checkpoints(folder)[:-keep] if keep > 0 else epoch_checkpoints(folder):
+        path.unlink(missing_ok=True)
+
+
+def _to_cpu_copy(obj):
+    """A deep copy with every tensor on the CPU, so training can go on while it is written."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_cpu_copy(v) for v in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Writes checkpoints on a background thread, one at a time, each atomically.
+
+    A ViT-B/16 checkpoint is 330 MB or more; writing it while the next epoch
+    trains keeps the GPU busy. wait() blocks until everything queued is on disk.
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._pending = []
+
+    def save(self, checkpoint: dict, paths: list[Path], after=None) -> None:
+        snapshot = _to_cpu_copy(checkpoint)
+
+        def write() -> None:
+            for path in paths:
+                save_checkpoint(snapshot, path)
+            if after is not None:
+                after()
+
+        self._pending.append(self._pool.submit(write))
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()  # re-raises a failed write here, in the training thread
+
+    def close(self) -> None:
+        self.wait()
+        self._pool.shutdown()
+
+
 def find_checkpoint(folder: str | Path) -> Path | None:
     """best.pth in folder, else the newest model-*.pth by epoch number, else None."""
     folder = Path(folder)
     if (folder / "best.pth").is_file():
         return folder / "best.pth"
-    epochs = []
-    for path in folder.glob("model-*.pth"):
-        try:
-            epochs.append((int(path.stem.split("-", 1)[1]), path))
-        except ValueError:
-            continue
-    return max(epochs)[1] if epochs else None
+    epochs = epoch_checkpoints(folder)
+    return epochs[-1][1] if epochs else None
