@@ -20,10 +20,10 @@ Batches are (images (B, 3, S, S) float32 in [-1, 1], labels (B,) int64), both al
 the device, normalised with mean = std = 0.5 as build_transforms does.
 
 Differences from the PIL pipeline (measured in tests/test_device_data.py):
-- Resizing is torch's bilinear interpolation with antialias=True in float32, which uses the
-  same triangle filter as PIL's BILINEAR resize; PIL rounds to uint8 between its horizontal
-  and vertical passes and after them. Eval images (rounded once, to uint8) differ from PIL's
-  by at most a few grey levels, most pixels by none; training crops are not rounded at all.
+- Resizing is torch's bilinear interpolation with antialias=True, the same triangle filter
+  as PIL's BILINEAR resize. On the CPU torch's uint8 kernel rounds as PIL does; on CUDA it
+  runs in float32 (eval images are rounded once to uint8, training crops not at all). On the
+  CPU, outputs differ from the PIL pipeline's by at most one grey level (tests measure it).
 - nvJPEG's and libjpeg-turbo's IDCT and chroma upsampling may differ from PIL's decoder by
   a grey level or two in places.
 - The crop parameters follow torchvision's RandomResizedCrop.get_params (up to 10 tries,
@@ -200,10 +200,18 @@ def _decode_on_cuda(infos: Sequence[_FileInfo], paths: Sequence[Path],
 
 
 def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(3, h, w) any dtype -> (3, *size) float32 in [0, 255], bilinear with antialias."""
-    x = image.unsqueeze(0).float()
-    if tuple(x.shape[-2:]) != tuple(size):
-        x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    """(3, h, w) uint8 -> (3, *size) float32 in [0, 255], bilinear with antialias."""
+    x = image.unsqueeze(0)
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x[0].float()
+    if x.device.type == "cpu":
+        # The CPU has a uint8 kernel (Pillow-SIMD's algorithm): several times faster than
+        # PIL and than float32, and it rounds as PIL does. It wants a contiguous crop.
+        x = F.interpolate(x.contiguous(), size=size, mode="bilinear", antialias=True,
+                          align_corners=False)
+        return x[0].float()
+    # CUDA interpolates floats only; the result is not rounded to grey levels.
+    x = F.interpolate(x.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
     return x[0]
 
 

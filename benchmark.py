@@ -1,0 +1,734 @@
+"""Speed, measured side by side in one process: the model, the data pipeline, whole runs.
+
+    python benchmark.py                                  # model: ours vs timm vs torchvision
+    python benchmark.py --compile                        # ... and each under torch.compile
+    python benchmark.py --data                           # + PIL DataLoader vs ImageFolder vs device
+    python benchmark.py --no-model --e2e                 # reference pipeline vs train.py, 10 epochs
+    python benchmark.py --device cpu --model-name vit_small_patch16_224   # a CPU-sized model
+
+Sections:
+  model  train steps (AdamW, forward + backward + step, autocast in --dtype on CUDA) and
+         inference (inference_mode) images/s of this project's model, timm's and
+         torchvision's at the same configuration, batch and dtype; ratios against timm eager.
+  data   images/s of one training epoch through my_dataset.MyDataSet in a DataLoader,
+         torchvision's ImageFolder with the same transforms, and device_data.DeviceImageLoader
+         (decoding once, then epochs on the device), over a generated stand-in folder.
+  e2e    wall-clock seconds of whole training runs on the stand-in: the reference pipeline
+         (ImageFolder + timm ViT, the report's transforms, batch 32, bf16 on CUDA, SGD as the
+         report) against train.py itself (train.main in this process), frozen and unfrozen.
+
+The stand-in for flower_photos has the same class counts (3670 images, 2939 / 731 after the
+split) and JPEGs of the same size and weight (500x375, about 24 KiB), drawn from
+demo_data's flowers, upscaled, with noise: real photographs decode at about the same speed,
+but the accuracy printed in the e2e section means nothing. timm and torchvision are only
+needed here and in the tests; a missing one is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from demo_data import draw_image
+from my_dataset import MyDataSet, build_transforms
+from utils import read_split_data
+from vit_model import create_model, list_models
+
+# flower_photos' class folders and their image counts (REFERENCE.md).
+FLOWER_COUNTS = {"daisy": 633, "dandelion": 898, "roses": 641, "sunflowers": 699, "tulips": 799}
+STANDIN_SIZE = (500, 375)  # width, height: flower_photos' most common size
+# Quality 75 with this noise gives ~24 KiB files, as flower_photos' average.
+STANDIN_QUALITY = 75
+
+
+# --------------------------------------------------------------------------- stand-in data
+
+def _standin_image(job: tuple[str, int, int, str]) -> None:
+    """Write one stand-in JPEG: a demo_data flower at 128 px, upscaled, with two noises."""
+    kind, index, seed, path = job
+    rng = random.Random(seed * 1_000_003 + hash_name(kind) * 10_007 + index)
+    width, height = STANDIN_SIZE
+    picture = draw_image(kind, rng, 128).resize(STANDIN_SIZE, Image.BICUBIC)
+    noise_rng = np.random.default_rng(rng.randrange(2**32))
+    # Coarse colour blotches (texture a JPEG must spend bits on) and fine sensor-like grain.
+    coarse = noise_rng.normal(128, 15, (height // 8 + 1, width // 8 + 1, 3))
+    coarse = Image.fromarray(np.clip(coarse, 0, 255).astype(np.uint8)).resize(STANDIN_SIZE,
+                                                                              Image.BICUBIC)
+    grain = noise_rng.normal(0, 3, (height, width, 1))
+    pixels = (np.asarray(picture, np.float32) + np.asarray(coarse, np.float32) - 128 + grain)
+    tmp = Path(path).with_suffix(".tmp")
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
+        tmp, format="JPEG", quality=STANDIN_QUALITY)
+    tmp.replace(path)  # never leave a half-written image that looks finished
+
+
+def hash_name(name: str) -> int:
+    """A stable small hash (Python's hash() of a str changes between processes)."""
+    return sum((i + 1) * ord(c) for i, c in enumerate(name))
+
+
+def standin_counts(scale: float) -> dict[str, int]:
+    # At least 5 per class, so that the 20% validation split keeps one of each.
+    return {name: max(5, round(count * scale)) for name, count in FLOWER_COUNTS.items()}
+
+
+def make_standin(root: str | Path, scale: float = 1.0, seed: int = 0,
+                 workers: int | None = None) -> Path:
+    """A flower_photos-shaped folder of JPEGs under root; the same files for the same seed.
+
+    scale multiplies the class counts (1.0: 3670 images). Files already there are kept.
+    """
+    root = Path(root)
+    jobs = []
+    for kind, count in standin_counts(scale).items():
+        (root / kind).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            path = root / kind / f"{kind}_{i:04d}.jpg"
+            if not path.exists():
+                jobs.append((kind, i, seed, str(path)))
+    workers = min(workers or os.cpu_count() or 1, max(len(jobs), 1))
+    if workers > 1:
+        import multiprocessing
+
+        # fork: the children need no fresh interpreter (nothing on CUDA has been touched yet).
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            list(pool.map(_standin_image, jobs, chunksize=16))
+    else:
+        for job in jobs:
+            _standin_image(job)
+    return root
+
+
+# --------------------------------------------------------------------------- small helpers
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast in `dtype`, or nothing for float32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def free_memory(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def format_table(headers: list[str], rows: list[list]) -> str:
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return f"{value:,.3f}" if abs(value) < 10 else f"{value:,.1f}"
+        return "-" if value is None else str(value)
+
+    cells = [[cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
+              for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)),
+             "  ".join("-" * w for w in widths)]
+    # Numbers right-aligned, text left-aligned.
+    lines += ["  ".join(text.rjust(w) if isinstance(value, int | float) else text.ljust(w)
+                        for value, text, w in zip(raw, row, widths, strict=True)).rstrip()
+              for raw, row in zip(rows, cells, strict=True)]
+    return "\n".join(lines)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"CPU {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores visible)"
+    except OSError:
+        pass
+    return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores visible)"
+
+
+def versions() -> dict[str, str]:
+    import torchvision
+
+    found = {"python": platform.python_version(), "torch": torch.__version__,
+             "torchvision": torchvision.__version__}
+    try:
+        import timm
+
+        found["timm"] = timm.__version__
+    except ImportError:
+        found["timm"] = "not installed"
+    return found
+
+
+# --------------------------------------------------------------------------- model section
+
+def peer_models(model_name: str, wanted: list[str]) -> list[tuple[str, Callable[[], nn.Module],
+                                                                  str]]:
+    """(label, factory, note) for ours and the peers at our model's configuration."""
+    config = create_model(model_name).model_args
+    same_as_b16 = (config["patch_size"], config["embed_dim"], config["depth"],
+                   config["num_heads"], config["img_size"]) == (16, 768, 12, 12, 224)
+    models = []
+    if "ours" in wanted:
+        models.append(("ours", lambda: create_model(model_name), model_name))
+    if "timm" in wanted:
+        try:
+            import timm
+            from timm.models.vision_transformer import VisionTransformer as TimmViT
+        except ImportError:
+            print("note: timm is not installed; its rows are skipped (pip install timm).")
+        else:
+            if timm.list_models(model_name) == [model_name]:
+                models.append(("timm", lambda: timm.create_model(model_name, pretrained=False),
+                               f"timm {model_name}"))
+            else:
+                keys = ("img_size", "patch_size", "num_classes", "embed_dim", "depth",
+                        "num_heads", "mlp_ratio", "qkv_bias")
+                models.append(("timm", lambda: TimmViT(**{k: config[k] for k in keys}),
+                               "timm VisionTransformer, same config"))
+    if "torchvision" in wanted:
+        import torchvision.models as tvm
+        from torchvision.models.vision_transformer import VisionTransformer as TvViT
+
+        if same_as_b16 and config["num_classes"] == 1000:
+            models.append(("torchvision", lambda: tvm.vit_b_16(weights=None),
+                           "torchvision vit_b_16"))
+        else:
+            # torchvision names only B/L/H sizes; its class builds any other configuration.
+            models.append(("torchvision", lambda: TvViT(
+                image_size=config["img_size"], patch_size=config["patch_size"],
+                num_layers=config["depth"], num_heads=config["num_heads"],
+                hidden_dim=config["embed_dim"],
+                mlp_dim=int(config["embed_dim"] * config["mlp_ratio"]),
+                num_classes=config["num_classes"]), "torchvision VisionTransformer, same config"))
+    return models
+
+
+def time_loop(step: Callable[[], None], device: torch.device, warmup: int, steps: int,
+              repeats: int) -> float:
+    """Median seconds per step over `repeats` timed windows of `steps`, after warm-up."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    windows = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(device)
+        windows.append((time.perf_counter() - start) / steps)
+    return statistics.median(windows)
+
+
+def bench_model(factory: Callable[[], nn.Module], args: argparse.Namespace,
+                device: torch.device, dtype: torch.dtype | None, compiled: bool
+                ) -> dict[str, float]:
+    """Train and inference images/s of one model."""
+    model = factory().to(device)
+    run = torch.compile(model) if compiled else model
+    train = time_train(model, run, args, device, dtype)
+    free_memory(device)
+    infer = time_inference(model, run, args, device, dtype)
+    del run, model
+    if compiled:
+        torch._dynamo.reset()  # drop the compiled graphs before the next model
+    free_memory(device)
+    return {"train": train, "infer": infer}
+
+
+def time_train(model: nn.Module, run: Callable, args: argparse.Namespace, device: torch.device,
+               dtype: torch.dtype | None) -> float:
+    """Images/s of AdamW steps: forward and loss under autocast, backward, step."""
+    size = _input_size(model)
+    x = torch.randn(args.batch_size, 3, size, size, device=device)
+    y = torch.randint(0, _num_classes(model), (args.batch_size,), device=device)
+    loss_fn = nn.CrossEntropyLoss()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        with autocast(device, dtype):
+            loss = loss_fn(run(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    model.train()
+    return args.batch_size / time_loop(step, device, args.warmup, args.steps, args.repeats)
+
+
+def time_inference(model: nn.Module, run: Callable, args: argparse.Namespace,
+                   device: torch.device, dtype: torch.dtype | None) -> float:
+    """Images/s of forward passes under inference_mode and autocast."""
+    size = _input_size(model)
+    x = torch.randn(args.infer_batch_size, 3, size, size, device=device)
+
+    def step() -> None:
+        with torch.inference_mode(), autocast(device, dtype):
+            run(x)
+
+    model.eval()
+    return args.infer_batch_size / time_loop(step, device, args.warmup, args.steps, args.repeats)
+
+
+def _input_size(model: nn.Module) -> int:
+    if hasattr(model, "patch_embed"):
+        size = model.patch_embed.img_size
+        return size[0] if isinstance(size, tuple | list) else size
+    return model.image_size  # torchvision
+
+
+def _num_classes(model: nn.Module) -> int:
+    if hasattr(model, "num_classes"):
+        return model.num_classes
+    return model.heads.head.out_features  # torchvision
+
+
+def model_section(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None
+                  ) -> list[dict]:
+    wanted = [m.strip() for m in args.models.split(",") if m.strip()]
+    rows = []
+    for label, factory, note in peer_models(args.model_name, wanted):
+        for compiled in [False, True] if args.compile else [False]:
+            mode = "compiled" if compiled else "eager"
+            print(f"  {label} {mode} ...", flush=True)
+            speed = bench_model(factory, args, device, dtype, compiled)
+            rows.append({"model": label, "mode": mode, "train_img_s": speed["train"],
+                         "infer_img_s": speed["infer"], "implementation": note})
+    base = next((r for r in rows if r["model"] == "timm" and r["mode"] == "eager"), None)
+    for row in rows:
+        row["train_vs_timm"] = row["train_img_s"] / base["train_img_s"] if base else None
+        row["infer_vs_timm"] = row["infer_img_s"] / base["infer_img_s"] if base else None
+    print(format_table(
+        ["model", "mode", "train img/s", "infer img/s", "train / timm", "infer / timm",
+         "implementation"],
+        [[r["model"], r["mode"], r["train_img_s"], r["infer_img_s"], r["train_vs_timm"],
+          r["infer_vs_timm"], r["implementation"]] for r in rows]))
+    return rows
+
+
+# --------------------------------------------------------------------------- data section
+
+def _imagefolder_subset(root: Path, images: list[Path], transform):
+    """ImageFolder over root, narrowed to `images` (the split's files), in their order."""
+    from torch.utils.data import Subset
+    from torchvision.datasets import ImageFolder
+
+    folder = ImageFolder(str(root), transform=transform)
+    where = {Path(path).resolve(): i for i, (path, _) in enumerate(folder.samples)}
+    return Subset(folder, [where[Path(p).resolve()] for p in images])
+
+
+def _loader(dataset, args: argparse.Namespace, device: torch.device, shuffle: bool):
+    from torch.utils.data import DataLoader
+
+    return DataLoader(dataset, batch_size=args.e2e_batch_size, shuffle=shuffle,
+                      num_workers=args.workers, pin_memory=device.type == "cuda",
+                      persistent_workers=args.workers > 0)
+
+
+def _epoch(loader, device: torch.device) -> tuple[float, int]:
+    """Seconds to pull one epoch onto the device, and the image count."""
+    start = time.perf_counter()
+    seen = 0
+    for images, _labels in loader:
+        images = images.to(device, non_blocking=True)
+        seen += images.shape[0]
+    sync(device)
+    return time.perf_counter() - start, seen
+
+
+def data_section(args: argparse.Namespace, device: torch.device, root: Path) -> list[dict]:
+    from device_data import DeviceImageLoader
+
+    split = read_split_data(root, verify=False)
+    size = args.img_size
+    rows = []
+
+    def record(name: str, first_s: float, steady_s: float, count: int, note: str) -> None:
+        rows.append({"pipeline": name, "images": count, "first_epoch_s": first_s,
+                     "steady_epoch_s": steady_s, "img_s": count / steady_s, "note": note})
+
+    train_tf = build_transforms(size, train=True)
+    candidates = [("MyDataSet + DataLoader", lambda: MyDataSet(split.train_images,
+                                                               split.train_labels, train_tf)),
+                  ("ImageFolder + DataLoader",
+                   lambda: _imagefolder_subset(root, split.train_images, train_tf))]
+    for name, make in candidates:
+        loader = _loader(make(), args, device, shuffle=True)
+        first, count = _epoch(loader, device)   # includes starting the workers
+        steady, _ = _epoch(loader, device)
+        record(name, first, steady, count, f"{args.workers} workers, batch "
+                                           f"{args.e2e_batch_size}, PIL decode every epoch")
+        del loader
+
+    start = time.perf_counter()
+    device_loader = DeviceImageLoader(split.train_images, split.train_labels, img_size=size,
+                                      batch_size=args.e2e_batch_size, train=True,
+                                      device=device)
+    sync(device)
+    decode_s = time.perf_counter() - start
+    count = device_loader.num_samples
+    record("DeviceImageLoader decode", decode_s, decode_s, count,
+           "read + decode once, on " + device.type)
+    epochs = []
+    for _ in range(2):
+        start = time.perf_counter()
+        for _images, _labels in device_loader:
+            pass
+        sync(device)
+        epochs.append(time.perf_counter() - start)
+    record("DeviceImageLoader epoch", epochs[0], epochs[1], count,
+           "crop + resize + flip on " + device.type)
+    del device_loader
+    free_memory(device)
+    print(format_table(["pipeline", "images", "1st epoch s", "epoch s", "img/s", "note"],
+                       [[r["pipeline"], r["images"], r["first_epoch_s"], r["steady_epoch_s"],
+                         r["img_s"], r["note"]] for r in rows]))
+    return rows
+
+
+# --------------------------------------------------------------------------- e2e section
+
+def reference_model(model_name: str, num_classes: int) -> nn.Module:
+    """timm's model of our `model_name` configuration (timm's factory when it has the name)."""
+    import timm
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    if timm.list_models(model_name) == [model_name]:
+        return timm.create_model(model_name, pretrained=False, num_classes=num_classes)
+    config = create_model(model_name).model_args
+    keys = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio",
+            "qkv_bias")
+    return TimmViT(num_classes=num_classes, **{k: config[k] for k in keys})
+
+
+def report_schedule(epochs: int, lrf: float = 0.01) -> Callable[[int], float]:
+    """The report's cosine factor on the learning rate, from 1 down to lrf."""
+    return lambda epoch: ((1 + math.cos(epoch * math.pi / epochs)) / 2) * (1 - lrf) + lrf
+
+
+def run_loop(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None,
+             root: Path, frozen: bool, pipeline: str) -> dict:
+    """A whole training run outside train.py; wall-clock seconds from split to last epoch.
+
+    pipeline "reference": ImageFolder + DataLoader + timm, as the peers measured.
+    pipeline "projection": DeviceImageLoader + this project's model in the same loop: what
+    train.py with the device pipeline and autocast can reach.
+    """
+    start = time.perf_counter()
+    split = read_split_data(root)
+    num_classes = len(split.class_names)
+    if pipeline == "reference":
+        model = reference_model(args.e2e_model, num_classes)
+        size = _input_size(model)
+        train_loader = _loader(_imagefolder_subset(root, split.train_images,
+                                                   build_transforms(size, True)),
+                               args, device, shuffle=True)
+        val_loader = _loader(_imagefolder_subset(root, split.val_images,
+                                                 build_transforms(size, False)),
+                             args, device, shuffle=False)
+    else:
+        from device_data import DeviceImageLoader
+
+        model = create_model(args.e2e_model, num_classes=num_classes)
+        size = _input_size(model)
+        common = dict(img_size=size, batch_size=args.e2e_batch_size, device=device)
+        train_loader = DeviceImageLoader(split.train_images, split.train_labels, train=True,
+                                         **common)
+        val_loader = DeviceImageLoader(split.val_images, split.val_labels, train=False,
+                                       **common)
+    model.to(device)
+    head = "head."
+    for name, param in model.named_parameters():
+        param.requires_grad_(not frozen or name.startswith(head))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.001, momentum=0.9, weight_decay=5e-5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, report_schedule(args.e2e_epochs))
+    loss_fn = nn.CrossEntropyLoss()
+    correct = seen = 0
+    for _epoch_index in range(args.e2e_epochs):
+        model.train()
+        for images, labels in train_loader:
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            with autocast(device, dtype):
+                loss = loss_fn(model(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        model.eval()
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        seen = 0
+        with torch.no_grad():
+            for images, labels in val_loader:
+                images = images.to(device, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
+                with autocast(device, dtype):
+                    correct += (model(images).argmax(1) == labels).sum()
+                seen += labels.shape[0]
+    accuracy = correct.item() / max(seen, 1)  # .item() waits for the device
+    seconds = time.perf_counter() - start
+    del model, optimizer, train_loader, val_loader
+    free_memory(device)
+    return {"seconds": seconds, "val_acc": accuracy, "ok": True}
+
+
+def train_py_argv(args: argparse.Namespace, device: torch.device, root: Path, out: Path,
+                  frozen: bool, notes: list[str]) -> list[str]:
+    """train.py's command line for this run, with only the flags its parser has today."""
+    import train
+
+    options = train.get_args_parser()._option_string_actions
+    argv = ["--data-path", str(root), "--model-name", args.e2e_model, "--weights", "",
+            "--batch-size", str(args.e2e_batch_size), "--epochs", str(args.e2e_epochs),
+            "--workers", str(args.workers), "--device", str(device),
+            "--output-dir", str(out / "weights"), "--log-dir", str(out / "runs"),
+            "--freeze-layers" if frozen else "--no-freeze-layers"]
+    wanted = []
+    if device.type == "cuda" and args.dtype != "fp32":
+        wanted.append(("--amp", "autocast"))
+    elif "--no-amp" in options:
+        argv.append("--no-amp")  # float32 on both sides
+    if args.e2e_device_data:
+        wanted.append(("--device-data", "the device data pipeline"))
+    if args.e2e_compile:
+        wanted.append(("--compile", "torch.compile"))
+    for flag, what in wanted:
+        if flag in options:
+            argv.append(flag)
+        else:
+            notes.append(f"train.py has no {flag} yet: ran without {what}.")
+    # The reference saves nothing; train.py saves every epoch, and its time counts.
+    if "--keep" in options:
+        argv += ["--keep", "1"]
+    return argv
+
+
+def run_train_py(args: argparse.Namespace, device: torch.device, root: Path, frozen: bool,
+                 log: Path, notes: list[str]) -> dict:
+    """train.main in this process, its output appended to `log`; wall-clock seconds."""
+    import train
+
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        argv = train_py_argv(args, device, root, Path(tmp), frozen, notes)
+        captured = io.StringIO()
+        start = time.perf_counter()
+        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+            status = train.main(argv)
+        sync(device)
+        seconds = time.perf_counter() - start
+    with log.open("a") as handle:
+        handle.write(f"$ python train.py {' '.join(argv)}\n{captured.getvalue()}\n")
+    accuracy = None
+    for line in captured.getvalue().splitlines():
+        if line.startswith("Best validation accuracy"):
+            accuracy = float(line.split()[3].rstrip(";"))
+    if status != 0:
+        tail = captured.getvalue().strip().splitlines()[-3:]
+        notes.append(f"train.py exited with {status}: {' | '.join(tail)}")
+    free_memory(device)
+    return {"seconds": seconds, "val_acc": accuracy, "ok": status == 0,
+            "argv": "python train.py " + " ".join(argv)}
+
+
+def e2e_section(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None,
+                root: Path, log: Path, notes: list[str]) -> list[dict]:
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        notes.append("timm is not installed: the e2e reference runs are skipped.")
+        have_timm = False
+    else:
+        have_timm = True
+    rows = []
+    for frozen in [m == "frozen" for m in args.e2e_modes.split(",") if m.strip()]:
+        mode = "frozen" if frozen else "unfrozen"
+        runs = []
+        if have_timm:
+            runs.append(("reference: ImageFolder + timm",
+                         lambda f=frozen: run_loop(args, device, dtype, root, f, "reference")))
+        runs.append(("train.py", lambda f=frozen: run_train_py(args, device, root, f, log,
+                                                               notes)))
+        if args.e2e_projection:
+            runs.append(("DeviceImageLoader + ours (loop here)",
+                         lambda f=frozen: run_loop(args, device, dtype, root, f,
+                                                   "projection")))
+        for name, run in runs:
+            print(f"  {mode}: {name} ...", flush=True)
+            result = run()
+            rows.append({"mode": mode, "pipeline": name, "epochs": args.e2e_epochs,
+                         "seconds": result["seconds"],
+                         "s_per_epoch": result["seconds"] / args.e2e_epochs,
+                         "val_acc": result["val_acc"], "ok": result["ok"],
+                         **({"argv": result["argv"]} if "argv" in result else {})})
+    for row in rows:
+        reference = next((r for r in rows if r["mode"] == row["mode"]
+                          and r["pipeline"].startswith("reference")), None)
+        row["speedup_vs_reference"] = (reference["seconds"] / row["seconds"]
+                                       if reference else None)
+    print(format_table(["mode", "pipeline", "epochs", "total s", "s/epoch", "speed-up",
+                        "val acc"],
+                       [[r["mode"], r["pipeline"], r["epochs"], r["seconds"], r["s_per_epoch"],
+                         r["speedup_vs_reference"], r["val_acc"]] for r in rows]))
+    return rows
+
+
+# --------------------------------------------------------------------------- main
+
+def get_args_parser() -> argparse.ArgumentParser:
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(
+        description="Measure this project's speed against timm and torchvision, side by side.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--device", default="cuda" if cuda else "cpu", help="cuda[:N] or cpu")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
+                        help="autocast dtype (default: bf16 on CUDA, fp32 on the CPU)")
+    parser.add_argument("--model", action=argparse.BooleanOptionalAction, default=True,
+                        help="the model section")
+    parser.add_argument("--model-name", default="vit_base_patch16_224", choices=list_models(),
+                        metavar="NAME", help="our registry name; the peers match its config")
+    parser.add_argument("--models", default="ours,timm,torchvision",
+                        help="comma-separated subset of ours,timm,torchvision")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="train batch of the model section (default: 128 CUDA, 4 CPU)")
+    parser.add_argument("--infer-batch-size", type=int, default=None,
+                        help="inference batch (default: 256 CUDA, 8 CPU)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per window (default: 20 CUDA, 2 CPU)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed steps first (default: 10 CUDA, 1 CPU)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed windows; the median counts (default: 3 CUDA, 1 CPU)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    parser.add_argument("--data", action="store_true", help="the data pipeline section")
+    parser.add_argument("--img-size", type=int, default=224, help="image size of --data")
+    parser.add_argument("--e2e", action="store_true", help="the whole-run section")
+    parser.add_argument("--e2e-model", default="vit_base_patch16_224", choices=list_models(),
+                        metavar="NAME", help="model of the e2e runs (timm's for the reference)")
+    parser.add_argument("--e2e-epochs", type=int, default=10)
+    parser.add_argument("--e2e-batch-size", type=int, default=32,
+                        help="batch of the e2e runs and of --data")
+    parser.add_argument("--e2e-modes", default="frozen,unfrozen",
+                        help="comma-separated subset of frozen,unfrozen")
+    parser.add_argument("--e2e-scale", type=float, default=1.0,
+                        help="fraction of flower_photos' 3670 images in the stand-in")
+    parser.add_argument("--e2e-device-data", action=argparse.BooleanOptionalAction,
+                        default=True, help="pass --device-data to train.py when it has it")
+    parser.add_argument("--e2e-compile", action="store_true",
+                        help="pass --compile to train.py when it has it")
+    parser.add_argument("--e2e-projection", action="store_true",
+                        help="also run DeviceImageLoader + our model in the benchmark's loop")
+    parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
+                        help="DataLoader workers of --data and --e2e")
+    parser.add_argument("--standin", default=None,
+                        help="stand-in folder to make or reuse (default: a temporary one)")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--train-log", default=None,
+                        help="train.py's output from --e2e (default: next to --json, or none)")
+    return parser
+
+
+def fill_defaults(args: argparse.Namespace, device: torch.device) -> None:
+    cuda = device.type == "cuda"
+    defaults = dict(dtype="bf16" if cuda else "fp32", batch_size=128 if cuda else 4,
+                    infer_batch_size=256 if cuda else 8, steps=20 if cuda else 2,
+                    warmup=10 if cuda else 1, repeats=3 if cuda else 1)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but CUDA is not available; pass --device cpu.",
+              file=sys.stderr)
+        return 2
+    fill_defaults(args, device)
+    dtype = {"bf16": torch.bfloat16, "fp32": None}[args.dtype]
+    command = "python benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    header = {"device": device_name(device), **versions(), "dtype": args.dtype,
+              "batch_size": args.batch_size, "infer_batch_size": args.infer_batch_size,
+              "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+              "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+              "command": command}
+    print(" | ".join(f"{k} {v}" for k, v in header.items() if k != "command"))
+    print(command)
+    results: dict = {"header": header, "notes": []}
+    notes: list[str] = results["notes"]
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.ones(1, device=device).sum().item()  # CUDA context before any timing
+
+    with contextlib.ExitStack() as stack:
+        root = None
+        if args.data or args.e2e:
+            if args.standin:
+                root = Path(args.standin)
+            else:
+                root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="standin-")))
+            start = time.perf_counter()
+            make_standin(root, args.e2e_scale, workers=os.cpu_count())
+            files = sorted(root.glob("*/*.jpg"))
+            kib = sum(p.stat().st_size for p in files) / max(len(files), 1) / 1024
+            print(f"\nStand-in: {len(files)} JPEGs in {root}, {kib:.1f} KiB on average "
+                  f"({time.perf_counter() - start:.1f} s)")
+            results["standin"] = {"images": len(files), "mean_kib": kib, "path": str(root)}
+
+        if args.model:
+            print(f"\nModel ({args.model_name}, {args.dtype}, train batch {args.batch_size}, "
+                  f"inference batch {args.infer_batch_size}, {args.steps} steps x "
+                  f"{args.repeats}, images/s):")
+            results["model"] = model_section(args, device, dtype)
+        if args.data:
+            print(f"\nData ({args.img_size} px, one training epoch over the stand-in's "
+                  f"training split):")
+            results["data"] = data_section(args, device, root)
+        if args.e2e:
+            log = Path(args.train_log) if args.train_log else (
+                Path(args.json).with_suffix(".train.log") if args.json
+                else Path(stack.enter_context(tempfile.TemporaryDirectory())) / "train.log")
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text("")
+            print(f"\nEnd to end ({args.e2e_model}, batch {args.e2e_batch_size}, "
+                  f"{args.e2e_epochs} epochs, {args.workers} workers, {args.dtype}; speed-up = "
+                  f"reference seconds / these; train.py output in {log}):")
+            results["e2e"] = e2e_section(args, device, dtype, root, log, notes)
+    results["notes"] = notes = list(dict.fromkeys(notes))  # each once
+    for note in notes:
+        print(f"note: {note}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"Results written to {args.json}")
+    return 0 if all(r.get("ok", True) for r in results.get("e2e", [])) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,95 @@
+"""benchmark.py end to end on the CPU with tiny models; speeds are printed, never asserted."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import benchmark
+import train
+
+pytest.importorskip("timm")  # the peers are what the benchmark compares against
+
+
+def test_standin_is_flower_shaped_and_deterministic(tmp_path):
+    root = benchmark.make_standin(tmp_path / "a", scale=0.01, workers=2)
+    counts = {d.name: len(list(d.glob("*.jpg"))) for d in sorted(root.iterdir())}
+    assert counts == benchmark.standin_counts(0.01) == {
+        "daisy": 6, "dandelion": 9, "roses": 6, "sunflowers": 7, "tulips": 8}
+    files = sorted(root.glob("*/*.jpg"))
+    from PIL import Image
+
+    with Image.open(files[0]) as img:
+        assert img.size == (500, 375) and img.format == "JPEG"
+    mean_kib = sum(p.stat().st_size for p in files) / len(files) / 1024
+    assert 16 < mean_kib < 34  # flower_photos averages about 24 KiB
+    again = benchmark.make_standin(tmp_path / "b", scale=0.01, workers=1)
+    digest = lambda folder: hashlib.sha256(b"".join(  # noqa: E731
+        p.read_bytes() for p in sorted(folder.glob("*/*.jpg")))).hexdigest()
+    assert digest(root) == digest(again)
+
+
+def test_format_table_aligns_columns():
+    text = benchmark.format_table(["name", "img/s"], [["ours", 1234.5], ["timm", 2.0], ["x", None]])
+    lines = text.splitlines()
+    assert lines[0].startswith("name") and set(lines[1]) <= {"-", " "}
+    assert lines[2].endswith("1,234.5") and lines[3].endswith("2.000") and lines[4].endswith("-")
+    assert len({len(line) for line in lines[:4]}) == 1
+
+
+def test_train_py_gets_only_flags_it_has(tmp_path):
+    args = benchmark.get_args_parser().parse_args(
+        ["--device", "cpu", "--e2e-model", "vit_demo_patch8_64", "--e2e-compile"])
+    benchmark.fill_defaults(args, torch.device("cpu"))
+    notes: list[str] = []
+    argv = benchmark.train_py_argv(args, torch.device("cpu"), tmp_path, tmp_path, True, notes)
+    options = train.get_args_parser()._option_string_actions
+    assert all(word in options for word in argv if word.startswith("--"))
+    assert "--freeze-layers" in argv and "--no-freeze-layers" not in argv
+    for flag in ("--device-data", "--compile"):
+        assert (flag in argv) == (flag in options)
+        assert any(flag in note for note in notes) == (flag not in options)
+    assert isinstance(train.get_args_parser().parse_args(argv), argparse.Namespace)
+
+
+def test_benchmark_runs_every_section(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    status = benchmark.main([
+        "--device", "cpu", "--model-name", "vit_demo_patch8_64", "--batch-size", "2",
+        "--infer-batch-size", "2", "--steps", "1", "--warmup", "1",
+        "--data", "--img-size", "64", "--workers", "0",
+        "--e2e", "--e2e-scale", "0.01", "--e2e-epochs", "1", "--e2e-model", "vit_demo_patch8_64",
+        "--e2e-projection", "--standin", str(tmp_path / "standin"), "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    for heading in ("Model (vit_demo_patch8_64", "Data (64 px", "End to end (vit_demo_patch8_64",
+                    "train / timm", "DeviceImageLoader epoch", "speed-up"):
+        assert heading in printed
+
+    results = json.loads(out.read_text())
+    assert results["header"]["torch"] == torch.__version__
+    assert results["header"]["command"].startswith("python benchmark.py --device cpu")
+    assert results["standin"]["images"] == 36
+    assert {r["model"] for r in results["model"]} == {"ours", "timm", "torchvision"}
+    for row in results["model"]:
+        assert row["train_img_s"] > 0 and row["infer_img_s"] > 0
+    timm_row = next(r for r in results["model"] if r["model"] == "timm")
+    assert timm_row["train_vs_timm"] == pytest.approx(1.0)
+    assert [r["pipeline"] for r in results["data"]] == [
+        "MyDataSet + DataLoader", "ImageFolder + DataLoader", "DeviceImageLoader decode",
+        "DeviceImageLoader epoch"]
+    for row in results["data"]:
+        assert row["images"] == 31 and row["img_s"] > 0  # 36 less 1 per class to validate
+    assert [(r["mode"], r["pipeline"].split(":")[0]) for r in results["e2e"]] == [
+        (mode, name) for mode in ("frozen", "unfrozen")
+        for name in ("reference", "train.py", "DeviceImageLoader + ours (loop here)")]
+    for row in results["e2e"]:
+        assert row["ok"] and row["seconds"] > 0 and row["speedup_vs_reference"] > 0
+        assert 0.0 <= row["val_acc"] <= 1.0
+    log = Path(str(out.with_suffix(".train.log"))).read_text()
+    assert log.count("$ python train.py") == 2 and "--no-freeze-layers" in log
