@@ -1,0 +1,163 @@
+"""Export a checkpoint to TorchScript or ONNX, and check the export against PyTorch.
+
+    python export.py --weights weights/best.pth --format torchscript --output vit.pt
+    python export.py --weights weights/best.pth --format onnx --output vit.onnx
+
+The exported model takes a float batch (B, 3, H, W), normalised as for training
+(mean 0.5, std 0.5: pixels in [-1, 1]) after Resize + CenterCrop, and returns logits
+(B, classes); the batch size is free. The class names, input size and normalisation
+travel inside the file: `config.json` in the TorchScript archive (torch.jit.load(...,
+_extra_files=...)), metadata_props in the ONNX model. After writing, the file is loaded
+back and run on a random batch beside the PyTorch model; the largest absolute difference
+of the logits is printed, and the command fails (exit 1) above --tolerance.
+
+ONNX needs the optional packages onnx, onnxscript (torch's exporter) and onnxruntime
+(the check): pip install onnx onnxscript onnxruntime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from my_dataset import MEAN, STD
+from predict import load_classifier, resolve_weights
+from utils import UserError
+from vit_model import VisionTransformer, list_models
+from weights import WeightsError
+
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
+TRACE_BATCH = 2  # the parity batch differs from it, which shows the batch size stays free
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Export a checkpoint to TorchScript or ONNX.")
+    parser.add_argument("--weights", default=None,
+                        help="checkpoint (default: best.pth in ./weights, else the newest "
+                             "model-*.pth there)")
+    parser.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript")
+    parser.add_argument("--output", required=True, help="file to write (.pt, .onnx)")
+    parser.add_argument("--tolerance", type=float, default=1e-3,
+                        help="largest absolute logit difference the parity check accepts")
+    parser.add_argument("--check-batch", type=int, default=3,
+                        help="images in the random parity-check batch")
+    parser.add_argument("--class-indices", default=None,
+                        help="class_indices.json, for weights that do not name their classes")
+    parser.add_argument("--model-name", default="vit_base_patch16_224_in21k",
+                        choices=list_models(), metavar="NAME",
+                        help="architecture, for weights that do not name it")
+    return parser
+
+
+def export_config(model: VisionTransformer, class_names: list[str]) -> dict:
+    return {"class_names": class_names, "img_size": model.patch_embed.img_size,
+            "mean": list(MEAN), "std": list(STD), "input": "images (B, 3, H, W) float32",
+            "output": "logits (B, classes)"}
+
+
+def export_torchscript(model: VisionTransformer, example: torch.Tensor, config: dict,
+                       output: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Trace (the model has no data-dependent control flow) and save; returns the reloaded
+    file as a function, so the check runs what a user will load."""
+    with warnings.catch_warnings():
+        # The input-size check in PatchEmbed becomes a constant: right, the export has one
+        # size. torch.jit's deprecation notice (torch.export is its successor) is noise here.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(model, example)
+        torch.jit.save(traced, str(output), _extra_files={"config.json": json.dumps(config)})
+        loaded = torch.jit.load(str(output), map_location="cpu")
+    return lambda x: loaded(x)
+
+
+def missing_onnx_packages() -> list[str]:
+    return [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+
+
+def export_onnx(model: VisionTransformer, example: torch.Tensor, config: dict,
+                output: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    import onnx
+    import onnxruntime
+
+    batch = torch.export.Dim("batch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.onnx.export(model, (example,), str(output), input_names=["images"],
+                          output_names=["logits"], dynamic_shapes={"x": {0: batch}},
+                          dynamo=True, external_data=False, verbose=False)
+    proto = onnx.load(str(output))
+    for key, value in config.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    onnx.save(proto, str(output))
+    session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+
+
+@torch.no_grad()
+def check_parity(model: nn.Module, exported: Callable[[torch.Tensor], torch.Tensor],
+                 batch: torch.Tensor) -> float:
+    """Largest absolute difference between the two models' outputs on batch."""
+    expected = model(batch)
+    got = exported(batch)
+    if got.shape != expected.shape:
+        raise RuntimeError(f"The export returns {tuple(got.shape)}, PyTorch "
+                           f"{tuple(expected.shape)}.")
+    return (got.float() - expected.float()).abs().max().item()
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.check_batch < 1:
+        raise UserError("--check-batch must be at least 1.")
+    if args.format == "onnx":
+        missing = missing_onnx_packages()
+        if missing:
+            raise UserError(f"ONNX export needs the optional packages {', '.join(missing)}: "
+                            f"pip install onnx onnxscript onnxruntime.")
+    weights_path = resolve_weights(args.weights)
+    model, class_names = load_classifier(weights_path, args.class_indices, args.model_name)
+    model = model.cpu().eval()
+    size = model.patch_embed.img_size
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn(TRACE_BATCH, 3, size, size, generator=generator)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    config = export_config(model, class_names)
+    if args.format == "torchscript":
+        exported = export_torchscript(model, example, config, output)
+    else:
+        exported = export_onnx(model, example, config, output)
+    print(f"Wrote {output} ({args.format}, {output.stat().st_size / 1e6:.1f} MB) from "
+          f"{weights_path}.")
+
+    batch = torch.randn(args.check_batch, 3, size, size, generator=generator)
+    diff = check_parity(model, exported, batch)
+    print(f"parity: max abs diff {diff:.3e} on a random batch of {args.check_batch} "
+          f"(tolerance {args.tolerance:g})")
+    if not diff <= args.tolerance:  # also fails on NaN
+        print(f"error: the export differs from PyTorch by {diff:.3e} > {args.tolerance:g}; "
+              f"do not use {output}.", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (UserError, WeightsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""export.py: TorchScript (always) and ONNX (when the optional packages are installed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import export
+import train
+from demo_data import make_demo_flowers
+from predict import load_classifier
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("export")
+    data = make_demo_flowers(root / "flower_photos", per_class=5)
+    rc = train.main(["--data-path", str(data), "--model-name", "vit_demo_patch8_64",
+                     "--weights", "", "--no-freeze-layers", "--epochs", "1", "--batch-size", "8",
+                     "--lr", "0.05", "--device", "cpu", "--workers", "0",
+                     "--output-dir", str(root / "weights"), "--log-dir", str(root / "runs")])
+    assert rc == 0
+    return root / "weights" / "best.pth"
+
+
+def test_torchscript_export_matches_pytorch(checkpoint, tmp_path, capsys):
+    output = tmp_path / "vit.pt"
+    rc = export.main(["--weights", str(checkpoint), "--format", "torchscript",
+                      "--output", str(output)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    diff = float(out.split("max abs diff ")[1].split()[0])
+    assert diff <= 1e-3
+
+    # What a user does: load the file alone and read the classes from it.
+    extra = {"config.json": ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        loaded = torch.jit.load(str(output), _extra_files=extra)
+    config = json.loads(extra["config.json"])
+    model, class_names = load_classifier(checkpoint)
+    assert config["class_names"] == class_names and config["img_size"] == 64
+    batch = torch.randn(5, 3, 64, 64)  # traced with 2 images; the batch size stays free
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch), model(batch), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(loaded(batch), loaded(-batch))  # not a constant output
+
+
+def test_parity_check_sees_a_different_model(checkpoint):
+    model, _ = load_classifier(checkpoint)
+    other, _ = load_classifier(checkpoint)
+    with torch.no_grad():
+        other.head.bias[2] += 0.25
+    batch = torch.randn(3, 3, 64, 64)
+    assert export.check_parity(model, model, batch) == 0.0
+    assert export.check_parity(model, other, batch) == pytest.approx(0.25, abs=1e-5)
+
+
+def test_onnx_without_its_packages_exits_2(checkpoint, tmp_path, capsys, monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnxruntime" else real_find_spec(name))
+    rc = export.main(["--weights", str(checkpoint), "--format", "onnx",
+                      "--output", str(tmp_path / "vit.onnx")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("error: ONNX export needs the optional packages onnxruntime")
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "vit.onnx").exists()
+
+
+def test_onnx_export_matches_pytorch(checkpoint, tmp_path, capsys):
+    # onnx, onnxscript and onnxruntime are optional extras; TorchScript above always runs.
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    onnx = pytest.importorskip("onnx")
+    output = tmp_path / "vit.onnx"
+    rc = export.main(["--weights", str(checkpoint), "--format", "onnx", "--output", str(output),
+                      "--check-batch", "4"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "parity: max abs diff" in out
+    metadata = {p.key: json.loads(p.value) for p in onnx.load(str(output)).metadata_props}
+    assert metadata["class_names"] == load_classifier(checkpoint)[1]
+    # A tolerance of zero is stricter than float rounding across runtimes allows.
+    rc = export.main(["--weights", str(checkpoint), "--format", "onnx", "--output", str(output),
+                      "--tolerance", "0"])
+    captured = capsys.readouterr()
+    if "max abs diff 0.000e+00" not in captured.out:
+        assert rc == 1 and captured.err.startswith("error: the export differs")
