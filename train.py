@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from demo_data import make_demo_flowers
+from download import DownloadError
 from my_dataset import MyDataSet, build_transforms
 from utils import (
     CheckpointWriter,
@@ -97,6 +98,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and the run")
     parser.add_argument("--workers", type=int, default=None,
                         help="data loader processes (default: min(cpus, batch size, 8))")
+    parser.add_argument("--download", action="store_true",
+                        help="fetch flower_photos and the in21k weights first, where missing")
     parser.add_argument("--demo", action="store_true",
                         help="offline demo: generate synthetic flowers and train a small ViT")
 
@@ -109,6 +112,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                        help="torch.compile the model (pays off on long runs: compiling "
                             "takes about a minute)")
+    speed.add_argument("--device-data", action=argparse.BooleanOptionalAction, default=None,
+                       help="decode every image once on the GPU and augment there, instead of "
+                            "decoding JPEGs on the CPU every epoch (default: on for CUDA)")
     speed.add_argument("--val-batch-size", type=int, default=None,
                        help="validation batch (default: 2x --batch-size; no gradients to hold)")
     speed.add_argument("--cache-val-features", action=argparse.BooleanOptionalAction,
@@ -159,8 +165,28 @@ def default_workers(dist_info: Distributed) -> int:
 
 
 def build_dataloaders(split: Split, args: argparse.Namespace, img_size: int, workers: int,
-                      device: torch.device, dist_info: Distributed
-                      ) -> tuple[DataLoader, DataLoader]:
+                      device: torch.device, dist_info: Distributed, log=print):
+    """Batches for training and validation: on the device when it pays, else a DataLoader."""
+    use_device_data = device.type == "cuda" if args.device_data is None else args.device_data
+    if use_device_data and not args.augment:
+        log("note: --no-augment uses the CPU DataLoader; --device-data is off.")
+        use_device_data = False
+    if use_device_data:
+        from device_data import DeviceImageLoader, DeviceMemoryError
+
+        common = dict(img_size=img_size, device=device, seed=args.seed, rank=dist_info.rank,
+                      world_size=dist_info.world_size, workers=workers or None)
+        try:
+            loaders = (
+                DeviceImageLoader(split.train_images, split.train_labels, train=True,
+                                  batch_size=args.batch_size, **common),
+                DeviceImageLoader(split.val_images, split.val_labels, train=False,
+                                  batch_size=args.val_batch_size or 2 * args.batch_size,
+                                  **common))
+            log(f"Images decoded once and kept on {device}.")
+            return loaders
+        except DeviceMemoryError as err:
+            log(f"note: {err} Falling back to the CPU DataLoader.")
     train_set = MyDataSet(split.train_images, split.train_labels,
                           build_transforms(img_size, train=args.augment))
     val_set = MyDataSet(split.val_images, split.val_labels, build_transforms(img_size, False))
@@ -287,6 +313,24 @@ def make_checkpoint(model: VisionTransformer, args: argparse.Namespace, split: S
     }
 
 
+def fetch_missing(args: argparse.Namespace, log=print) -> None:
+    """--download: get flower_photos and the weights where the paths name them but hold nothing."""
+    import download  # the URLs are read here, at call time, so a mirror can be set
+
+    data = Path(args.data_path)
+    if not data.exists():
+        if data.name != "flower_photos":
+            raise UserError(f"--download fetches flower_photos; {data} names another folder.")
+        data.parent.mkdir(parents=True, exist_ok=True)
+        log(f"Downloading flower_photos to {data} ...")
+        download.download_flowers(data.parent, download.FLOWERS_URL,
+                                  download.FLOWER_CLASS_COUNTS)
+    if args.weights and not Path(args.weights).exists():
+        fmt = "npz" if args.weights.endswith(".npz") else "pth"
+        log(f"Downloading the ImageNet-21k ViT-B/16 weights to {args.weights} ...")
+        download.download_weights(fmt, Path(args.weights), download.WEIGHTS[fmt].url)
+
+
 def train(args: argparse.Namespace) -> int:
     if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or args.accum_steps < 1:
         raise UserError("--epochs, --batch-size and --accum-steps must be at least 1 and --lr "
@@ -296,6 +340,13 @@ def train(args: argparse.Namespace) -> int:
     if dist_info.enabled and device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)
     log = print if dist_info.is_main else (lambda *a, **k: None)
+    if args.download:
+        if dist_info.is_main:
+            fetch_missing(args, log)
+        if dist_info.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()  # the other ranks wait for rank 0's download
     if device.type == "cuda" and args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -331,7 +382,7 @@ def train(args: argparse.Namespace) -> int:
     workers = default_workers(dist_info) if args.workers is None else args.workers
     log(f"Using {workers} dataloader workers every process")
     train_loader, val_loader = build_dataloaders(split, args, img_size, workers, device,
-                                                 dist_info)
+                                                 dist_info, log)
 
     if args.freeze_layers:
         if not args.weights and resume is None:
@@ -382,7 +433,7 @@ def train(args: argparse.Namespace) -> int:
     epoch = start_epoch
     try:
         for epoch in range(start_epoch, args.epochs):
-            train_loader.sampler.set_epoch(epoch)
+            getattr(train_loader, "sampler", train_loader).set_epoch(epoch)
             lr = optimizer.param_groups[0]["lr"]
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -446,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.demo:
             apply_demo_settings(args, parser)
         return train(args)
-    except (UserError, WeightsError) as err:
+    except (UserError, WeightsError, DownloadError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:
