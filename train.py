@@ -63,41 +63,52 @@ def str_to_bool(text: str) -> bool:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Fine-tune a Vision Transformer on a folder of images.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="Fine-tune a Vision Transformer on a folder of images.")
     parser.add_argument("--num-classes", "--num_classes", type=int, default=None,
                         help="number of classes (default: the number of class folders)")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=0.001)
+    parser.add_argument("--epochs", type=int, default=10, help="default: %(default)s")
+    parser.add_argument("--batch-size", type=int, default=8, help="default: %(default)s")
+    parser.add_argument("--lr", type=float, default=0.001, help="default: %(default)s")
     parser.add_argument("--lrf", type=float, default=0.01,
-                        help="final learning rate as a fraction of --lr (cosine schedule)")
+                        help="final learning rate as a fraction of --lr (cosine schedule; "
+                             "default: %(default)s)")
     parser.add_argument("--data-path", default="./flower_photos",
-                        help="folder with one sub-folder of images per class")
+                        help="folder with one sub-folder of images per class "
+                             "(default: %(default)s)")
     parser.add_argument("--model-name", default="vit_base_patch16_224_in21k",
                         choices=list_models(), metavar="NAME",
-                        help=f"architecture, one of: {', '.join(list_models())}")
+                        help=f"architecture (default: %(default)s), one of: "
+                             f"{', '.join(list_models())}")
     parser.add_argument("--weights", default=DEFAULT_WEIGHTS,
-                        help="pretrained weights to start from; '' trains from scratch")
+                        help="pretrained weights to start from, any format weights.py reads; "
+                             "'' trains from scratch (default: %(default)s)")
     # The report's flag was type=bool, so "--freeze-layers False" was True. Here
     # --no-freeze-layers and --freeze-layers false|0|no all turn it off.
     parser.add_argument("--freeze-layers", nargs="?", const=True, default=True,
                         type=str_to_bool, metavar="BOOL",
-                        help="train only the head (and pre-logits); --no-freeze-layers trains all")
+                        help="train only the head (and pre-logits); the default. "
+                             "--no-freeze-layers or --freeze-layers false trains everything")
     parser.add_argument("--no-freeze-layers", dest="freeze_layers", action="store_false",
                         help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cuda:0",
-                        help="cuda:N, cpu or mps; falls back to the CPU when CUDA is absent")
+                        help="cuda:N, cpu or mps (default: %(default)s; the CPU when CUDA is "
+                             "absent)")
     parser.add_argument("--output-dir", default="./weights",
-                        help="where checkpoints and class_indices.json go")
-    parser.add_argument("--log-dir", default="runs", help="TensorBoard log folder")
+                        help="where checkpoints and class_indices.json go (default: %(default)s)")
+    parser.add_argument("--log-dir", default="runs",
+                        help="TensorBoard log folder; each run gets a dated sub-folder "
+                             "(default: %(default)s)")
     parser.add_argument("--img-size", type=int, default=None,
-                        help="input size in pixels (default: the model's, 224)")
+                        help="input size in pixels (default: the model's, 224); pretrained "
+                             "position embeddings are resampled to fit")
     parser.add_argument("--val-rate", type=float, default=0.2,
-                        help="fraction of each class held out for validation")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split and the run")
+                        help="fraction of each class held out for validation (default: "
+                             "%(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the split and the run (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=None,
-                        help="data loader processes (default: min(cpus, batch size, 8))")
+                        help="data loader processes (default: the cores this process may use, "
+                             "shared among torchrun's processes, at most 16)")
     parser.add_argument("--download", action="store_true",
                         help="fetch flower_photos and the in21k weights first, where missing")
     parser.add_argument("--demo", action="store_true",
@@ -130,14 +141,18 @@ def get_args_parser() -> argparse.ArgumentParser:
                            "(default: all, as the report)")
 
     recipe = parser.add_argument_group("the paper's recipe, as options (defaults: the report's)")
-    recipe.add_argument("--opt", choices=("sgd", "adamw"), default="sgd")
-    recipe.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    recipe.add_argument("--wd", type=float, default=5e-5, help="weight decay")
+    recipe.add_argument("--opt", choices=("sgd", "adamw"), default="sgd",
+                        help="default: %(default)s")
+    recipe.add_argument("--momentum", type=float, default=0.9,
+                        help="SGD momentum (default: %(default)s)")
+    recipe.add_argument("--wd", type=float, default=5e-5,
+                        help="weight decay (default: %(default)s)")
     recipe.add_argument("--warmup-epochs", type=int, default=0,
                         help="linear warm-up epochs before the cosine decay")
     recipe.add_argument("--clip-grad", type=float, default=None, metavar="NORM",
                         help="clip the global gradient norm (the paper: 1)")
-    recipe.add_argument("--label-smoothing", type=float, default=0.0)
+    recipe.add_argument("--label-smoothing", type=float, default=0.0,
+                        help="default: %(default)s")
     recipe.add_argument("--accum-steps", type=int, default=1,
                         help="accumulate gradients over N batches (the paper's batch is 512)")
     recipe.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate")
