@@ -244,6 +244,8 @@ def plot_curves(curves: dict[str, Sequence[float]], references: dict[str, float]
     for name, value in (references or {}).items():
         ax.axhline(value, linestyle="--", linewidth=1, color=colours.get(name, "gray"),
                    label=f"{name}: report {value:.3f}")
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)

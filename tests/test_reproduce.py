@@ -1,0 +1,80 @@
+"""reproduce.py --quick end to end on a tiny synthetic data set, one epoch per run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import reproduce
+from demo_data import make_demo_flowers
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, int, str]:
+    root = tmp_path_factory.mktemp("reproduce")
+    data = make_demo_flowers(root / "flowers", per_class=5)
+    out = root / "out"
+    # --epochs-scale 0.01 leaves one epoch a run; after `--`, flags for train.py.
+    rc = reproduce.main(["--quick", "--out", str(out), "--data-path", str(data),
+                         "--epochs-scale", "0.01", "--", "--workers", "0", "--batch-size", "8"])
+    return root, out, rc, str(data)
+
+
+def test_quick_writes_results_with_three_runs_and_a_plot(quick_run):
+    _, out, rc, _ = quick_run
+    assert rc == 0
+    text = (out / "results.md").read_text()
+    assert "synthetic and not comparable" in text
+    rows = [line for line in text.splitlines() if line.startswith(("| 1 |", "| 2 |", "| 3 |"))]
+    assert len(rows) == 3
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        run = cells[0]
+        best = load(out / f"run{run}" / "weights" / "best.pth")["metrics"]["val_acc"]
+        assert cells[4] == f"{100 * best:.1f}%"  # this run's number, read from best.pth
+        assert cells[6] == {"1": "98.1%", "2": "97.8%", "3": "72.6%"}[run]
+    assert "99.38" in text  # the paper's Table 5, Flowers-102, for context
+    assert (out / "val_acc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_runs_are_the_report_runs(quick_run):
+    _, out, _, data = quick_run
+    pretrained = out / "pretrain" / "weights" / "best.pth"
+    args = {run: load(out / f"run{run}" / "weights" / "best.pth")["args"] for run in "123"}
+    assert args["1"]["weights"] == args["2"]["weights"] == str(pretrained)
+    assert args["3"]["weights"] == ""
+    assert [args[r]["freeze_layers"] for r in "123"] == [True, False, False]
+    for run_args in args.values():
+        assert run_args["data_path"] == data and run_args["model_name"] == "vit_demo_patch8_64"
+        assert run_args["epochs"] == 1 and run_args["workers"] == 0  # passed through `--`
+        assert run_args["batch_size"] == 8  # after `--`, train.py's flags win
+    # Run 1 trained only the head: the backbone is the pretrained one, bit for bit.
+    start, frozen = load(pretrained)["model"], load(out / "run1" / "weights" / "best.pth")["model"]
+    torch.testing.assert_close(frozen["blocks.0.attn.qkv.weight"],
+                               start["blocks.0.attn.qkv.weight"], rtol=0, atol=0)
+    assert not torch.equal(frozen["head.weight"], start["head.weight"])
+
+
+def test_finished_runs_are_not_trained_again(quick_run, capsys):
+    _, out, _, data = quick_run
+    before = (out / "run3" / "weights" / "best.pth").stat().st_mtime_ns
+    rc = reproduce.main(["--quick", "--out", str(out), "--data-path", data,
+                         "--epochs-scale", "0.01", "--", "--workers", "0", "--batch-size", "8"])
+    assert rc == 0
+    assert capsys.readouterr().out.count("already trained") == 4
+    assert (out / "run3" / "weights" / "best.pth").stat().st_mtime_ns == before
+
+
+def test_full_mode_without_weights_exits_2(quick_run, tmp_path, capsys):
+    _, _, _, data = quick_run
+    rc = reproduce.main(["--out", str(tmp_path / "out"), "--data-path", data,
+                         "--weights", str(tmp_path / "in21k.pth")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: Weights file") and "download.py" in err
+    assert not (tmp_path / "out").exists()
