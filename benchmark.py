@@ -38,6 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -149,7 +150,7 @@ def format_table(headers: list[str], rows: list[list]) -> str:
     cells = [[cell(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
               for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)),
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(),
              "  ".join("-" * w for w in widths)]
     # Numbers right-aligned, text left-aligned.
     lines += ["  ".join(text.rjust(w) if isinstance(value, int | float) else text.ljust(w)
@@ -311,13 +312,23 @@ def model_section(args: argparse.Namespace, device: torch.device, dtype: torch.d
                   ) -> list[dict]:
     wanted = [m.strip() for m in args.models.split(",") if m.strip()]
     rows = []
-    for label, factory, note in peer_models(args.model_name, wanted):
-        for compiled in [False, True] if args.compile else [False]:
+    models = peer_models(args.model_name, wanted)
+    # Every eager row first: compiling takes minutes, and a run cut short keeps those.
+    for compiled in [False, True] if args.compile else [False]:
+        for label, factory, note in models:
             mode = "compiled" if compiled else "eager"
             print(f"  {label} {mode} ...", flush=True)
-            speed = bench_model(factory, args, device, dtype, compiled)
+            try:
+                speed = bench_model(factory, args, device, dtype, compiled)
+            except Exception as err:  # e.g. a compiler failure: keep the other rows
+                traceback.print_exc()
+                print(f"  {label} {mode} failed: {type(err).__name__}: {err}")
+                free_memory(device)
+                continue
             rows.append({"model": label, "mode": mode, "train_img_s": speed["train"],
                          "infer_img_s": speed["infer"], "implementation": note})
+            print(f"    train {speed['train']:,.1f} img/s, inference {speed['infer']:,.1f} img/s",
+                  flush=True)
     base = next((r for r in rows if r["model"] == "timm" and r["mode"] == "eager"), None)
     for row in rows:
         row["train_vs_timm"] = row["train_img_s"] / base["train_img_s"] if base else None
@@ -539,7 +550,10 @@ def run_train_py(args: argparse.Namespace, device: torch.device, root: Path, fro
         captured = io.StringIO()
         start = time.perf_counter()
         with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
-            status = train.main(argv)
+            try:
+                status = train.main(argv)
+            except SystemExit as exit_:  # argparse rejecting a flag exits
+                status = exit_.code if isinstance(exit_.code, int) else 1
         sync(device)
         seconds = time.perf_counter() - start
     with log.open("a") as handle:
@@ -580,7 +594,13 @@ def e2e_section(args: argparse.Namespace, device: torch.device, dtype: torch.dty
                                                    "projection")))
         for name, run in runs:
             print(f"  {mode}: {name} ...", flush=True)
-            result = run()
+            try:
+                result = run()
+            except Exception as err:  # one failed run must not lose the others
+                traceback.print_exc()
+                notes.append(f"{mode} {name} failed: {type(err).__name__}: {err}")
+                result = {"seconds": math.nan, "val_acc": None, "ok": False}
+                free_memory(device)
             rows.append({"mode": mode, "pipeline": name, "epochs": args.e2e_epochs,
                          "seconds": result["seconds"],
                          "s_per_epoch": result["seconds"] / args.e2e_epochs,
@@ -682,9 +702,20 @@ def main(argv: list[str] | None = None) -> int:
     print(command)
     results: dict = {"header": header, "notes": []}
     notes: list[str] = results["notes"]
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.ones(1, device=device).sum().item()  # CUDA context before any timing
+    failed = False
+
+    def section(name: str, run: Callable[[], list[dict]]) -> None:
+        """Run one section; a crash becomes a note, and the JSON is rewritten after each."""
+        nonlocal failed
+        try:
+            results[name] = run()
+        except Exception as err:  # keep what the other sections measured
+            failed = True
+            notes.append(f"the {name} section failed: {type(err).__name__}: {err}")
+            traceback.print_exc()
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
     with contextlib.ExitStack() as stack:
         root = None
@@ -700,16 +731,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nStand-in: {len(files)} JPEGs in {root}, {kib:.1f} KiB on average "
                   f"({time.perf_counter() - start:.1f} s)")
             results["standin"] = {"images": len(files), "mean_kib": kib, "path": str(root)}
+        if device.type == "cuda":
+            # After the stand-in: its worker processes are forked without a CUDA context.
+            torch.backends.cudnn.benchmark = True
+            torch.ones(1, device=device).sum().item()  # CUDA context before any timing
 
         if args.model:
             print(f"\nModel ({args.model_name}, {args.dtype}, train batch {args.batch_size}, "
                   f"inference batch {args.infer_batch_size}, {args.steps} steps x "
-                  f"{args.repeats}, images/s):")
-            results["model"] = model_section(args, device, dtype)
+                  f"{args.repeats}, images/s):", flush=True)
+            section("model", lambda: model_section(args, device, dtype))
         if args.data:
             print(f"\nData ({args.img_size} px, one training epoch over the stand-in's "
-                  f"training split):")
-            results["data"] = data_section(args, device, root)
+                  f"training split):", flush=True)
+            section("data", lambda: data_section(args, device, root))
         if args.e2e:
             log = Path(args.train_log) if args.train_log else (
                 Path(args.json).with_suffix(".train.log") if args.json
@@ -718,16 +753,16 @@ def main(argv: list[str] | None = None) -> int:
             log.write_text("")
             print(f"\nEnd to end ({args.e2e_model}, batch {args.e2e_batch_size}, "
                   f"{args.e2e_epochs} epochs, {args.workers} workers, {args.dtype}; speed-up = "
-                  f"reference seconds / these; train.py output in {log}):")
-            results["e2e"] = e2e_section(args, device, dtype, root, log, notes)
+                  f"reference seconds / these; train.py output in {log}):", flush=True)
+            section("e2e", lambda: e2e_section(args, device, dtype, root, log, notes))
     results["notes"] = notes = list(dict.fromkeys(notes))  # each once
     for note in notes:
         print(f"note: {note}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
         print(f"Results written to {args.json}")
-    return 0 if all(r.get("ok", True) for r in results.get("e2e", [])) else 1
+    failed = failed or not all(r.get("ok", True) for r in results.get("e2e", []))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
