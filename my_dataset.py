@@ -33,8 +33,10 @@ def open_rgb(path: str | Path) -> Image.Image:
 def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit (and 32-bit integer) grey: PIL's convert("RGB") clips at 255, so scale instead.
+        # I;16 is 16-bit whatever its values (a dark image stays dark); 32-bit "I" states no
+        # range, so only a value above 255 marks it as 16-bit.
         values = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if values.max() > 255 else 255.0
+        peak = 65535.0 if img.mode != "I" or values.max() > 255 else 255.0
         img = Image.fromarray(np.clip(values / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
     elif img.mode == "F":
         values = np.asarray(img, dtype=np.float64)
