@@ -162,10 +162,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def apply_demo_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """--demo changes the settings the user left at their defaults, and makes the data."""
+def given_options(argv: list[str] | None) -> set[str]:
+    """The options typed on the command line, even those typed at their default value."""
+    probe = get_args_parser()
+    for action in probe._actions:  # parse again with no defaults: only what was typed stays
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv)))
+
+
+def apply_demo_settings(args: argparse.Namespace, given: set[str]) -> None:
+    """--demo changes the settings the user did not give, and makes the data."""
     for name, value in DEMO_SETTINGS.items():
-        if getattr(args, name) == parser.get_default(name):
+        if name not in given:
             setattr(args, name, value)
     if Path(args.data_path) == DEMO_DATA:
         print(f"Demo: writing synthetic flower images to {DEMO_DATA} (not real photographs).")
@@ -223,7 +231,7 @@ def build_model(args: argparse.Namespace, num_classes: int, log=print) -> Vision
         overrides["drop_path_rate"] = args.drop_path
     if not args.weights:
         return create_model(args.model_name, **overrides)
-    if not Path(args.weights).is_file():
+    if not Path(args.weights).exists():  # a Hugging Face folder is fine too
         raise UserError(f"Weights file {args.weights} not found: download it with "
                         f"'python download.py weights' (or add --download), or pass "
                         f"--weights '' to train from scratch.")
@@ -416,6 +424,8 @@ def train(args: argparse.Namespace) -> int:
 
     start_epoch, best_acc = 0, -1.0
     log_dir = Path(args.log_dir) / time.strftime("%Y%m%d-%H%M%S")
+    while log_dir.exists():  # two runs started in the same second get folders of their own
+        log_dir = log_dir.with_name(log_dir.name + "-")
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["lr_scheduler"])
@@ -510,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.demo:
-            apply_demo_settings(args, parser)
+            apply_demo_settings(args, given_options(argv))
         return train(args)
     except (UserError, WeightsError, DownloadError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -307,7 +307,7 @@ def _build(defaults: dict, overrides: dict, representation_size: int | None = No
            ) -> VisionTransformer:
     # has_logits is the reproduced repository's switch for the pre-logits layer.
     if "has_logits" in overrides:
-        width = representation_size or defaults["embed_dim"]
+        width = overrides.get("embed_dim", defaults["embed_dim"])  # ViT's pre-logits keep D
         overrides.setdefault("representation_size", width if overrides.pop("has_logits") else None)
     else:
         overrides.setdefault("representation_size", representation_size)

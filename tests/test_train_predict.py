@@ -413,24 +413,21 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
     assert re.search(r"^predicted: \S+", out, re.M)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: train.apply_demo_settings replaces any flag whose value equals its default, so an "
-    "explicit --batch-size 8 or --freeze-layers given with --demo is overridden by the demo's "
-    "16 / False"))
 def test_demo_honours_flags_given_explicitly_even_at_their_default(tmp_path):
-    parser = train.get_args_parser()
-    args = parser.parse_args(["--demo", "--data-path", str(tmp_path / "mine"),
-                              "--batch-size", "8", "--freeze-layers"])
-    train.apply_demo_settings(args, parser)
+    argv = ["--demo", "--data-path", str(tmp_path / "mine"), "--batch-size", "8",
+            "--freeze-layers"]
+    args = train.get_args_parser().parse_args(argv)
+    train.apply_demo_settings(args, train.given_options(argv))
     assert args.data_path == str(tmp_path / "mine")
     assert args.batch_size == 8
     assert args.freeze_layers is True
+    assert args.model_name == "vit_demo_patch8_64"  # not given: the demo's
 
 
 def test_demo_keeps_the_data_path_it_is_given(tmp_path):
-    parser = train.get_args_parser()
-    args = parser.parse_args(["--demo", "--data-path", str(tmp_path / "mine"), "--lr", "0.2"])
-    train.apply_demo_settings(args, parser)
+    argv = ["--demo", "--data-path", str(tmp_path / "mine"), "--lr", "0.2"]
+    args = train.get_args_parser().parse_args(argv)
+    train.apply_demo_settings(args, train.given_options(argv))
     assert args.data_path == str(tmp_path / "mine")
     assert not (tmp_path / "mine").exists()  # no demo images written over a user's path
     assert args.lr == 0.2
