@@ -12,7 +12,8 @@
 
 Each run trains into --out/runN/weights (checkpoints) and --out/runN/runs (TensorBoard).
 A run whose last epoch's checkpoint is already there is not trained again (delete its
-folder to retrain), so an interrupted reproduction picks up where it stopped. Then
+folder to retrain), and an interrupted one resumes from its newest checkpoint
+(train.py --resume auto), so a stopped reproduction picks up where it stopped. Then
 --out/results.md gets the table of best validation accuracies beside the report's, and
 --out/val_acc.png the three validation-accuracy curves. Arguments after `--` go to every
 train.py call and win over the ones given here.
@@ -100,7 +101,7 @@ def train_argv(run: Run, args: argparse.Namespace, out: Path, pretrained: str) -
     return ["--data-path", args.data_path, "--weights", pretrained if run.pretrained else "",
             "--freeze-layers" if run.frozen else "--no-freeze-layers",
             "--epochs", str(scaled(epochs, args.epochs_scale)),
-            "--output-dir", str(weights_dir), "--log-dir", str(log_dir)]
+            "--output-dir", str(weights_dir), "--log-dir", str(log_dir), "--resume", "auto"]
 
 
 def quick_settings() -> list[str]:
@@ -110,15 +111,16 @@ def quick_settings() -> list[str]:
             "--batch-size", str(demo.get("batch_size", 16)), "--lr", str(demo.get("lr", 0.05))]
 
 
-def load_metrics(path: Path) -> dict | None:
-    """A checkpoint's "metrics" dict; mmap reads the header only, not ViT-B's 330 MB."""
+def load_progress(path: Path) -> tuple[int, dict] | None:
+    """(epoch, metrics) of a checkpoint; mmap reads the header only, not ViT-B's 330 MB."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError,
             zipfile.BadZipFile):
         return None
-    metrics = checkpoint.get("metrics") if isinstance(checkpoint, dict) else None
-    return metrics if isinstance(metrics, dict) else None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("metrics"), dict):
+        return None
+    return int(checkpoint.get("epoch", -1)), checkpoint["metrics"]
 
 
 def train_once(label: str, argv: list[str]) -> Path:
@@ -148,23 +150,21 @@ class RunFailed(Exception):
 class Result:
     run: Run
     best_acc: float
-    best_epoch: int
-    curve: list[float]  # val_acc per epoch, from the epoch checkpoints that exist
+    best_epoch: int  # counted from 1
+    curve: dict[int, float]  # epoch (from 1) -> val_acc, for the epoch checkpoints kept
     epochs: int
 
 
 def read_result(run: Run, weights_dir: Path, epochs: int) -> Result:
-    best = load_metrics(weights_dir / "best.pth")
-    if best is None or "val_acc" not in best:
+    best = load_progress(weights_dir / "best.pth")
+    if best is None or "val_acc" not in best[1]:
         raise UserError(f"{weights_dir / 'best.pth'} is missing or has no metrics.")
-    curve, best_epoch = [], -1
+    curve = {}
     for epoch in range(epochs):
-        metrics = load_metrics(weights_dir / f"model-{epoch}.pth")
-        if metrics is not None:
-            curve.append(metrics["val_acc"])
-            if metrics["val_acc"] == best["val_acc"] and best_epoch < 0:
-                best_epoch = epoch
-    return Result(run, best["val_acc"], best_epoch, curve, epochs)
+        progress = load_progress(weights_dir / f"model-{epoch}.pth")
+        if progress is not None:  # train.py --keep N deletes the older ones
+            curve[epoch + 1] = progress[1]["val_acc"]
+    return Result(run, best[1]["val_acc"], best[0] + 1, curve, epochs)
 
 
 def results_markdown(results: list[Result], args: argparse.Namespace, pretrained: str,
@@ -187,12 +187,17 @@ def results_markdown(results: list[Result], args: argparse.Namespace, pretrained
     for r in results:
         start = ("demo model (synthetic pretraining)" if args.quick else "ImageNet-21k ViT-B/16"
                  ) if r.run.pretrained else "random init (from scratch)"
-        epoch = str(r.best_epoch + 1) if r.best_epoch >= 0 else "?"
+        epoch = str(r.best_epoch) if r.best_epoch > 0 else "?"
         lines.append(f"| {r.run.name} | {start} | {r.run.trained_part} | {r.epochs} | "
                      f"{100 * r.best_acc:.1f}% | {epoch} | {100 * r.run.report_acc:.1f}% |")
+    partial = [r.run.name for r in results if len(r.curve) < r.epochs]
     lines += ["", "Epochs are counted from 1. The report's column is the reproduced report's "
               "validation accuracy on flower_photos (731 validation images).", "",
-              "![validation accuracy per epoch](val_acc.png)", "",
+              "![validation accuracy per epoch](val_acc.png)", ""]
+    if partial:
+        lines += [f"The curves of run(s) {', '.join(partial)} show only the epochs whose "
+                  "checkpoints were kept (train.py --keep).", ""]
+    lines += [
               "For context only, the paper's Table 5 (Dosovitskiy et al. 2021): ViT-B/16 "
               "pretrained on ImageNet-21k and fine-tuned at 384 px with the paper's recipe. "
               "These are other data sets (Oxford Flowers-102 has 102 classes; flower_photos, "
@@ -217,7 +222,8 @@ def run_all(args: argparse.Namespace, extra: list[str], command: str) -> int:
         pretrain_dir = train_once("pretraining (quick mode's stand-in for ImageNet-21k)", [
             "--data-path", args.data_path, "--weights", "", "--no-freeze-layers",
             "--epochs", str(scaled(QUICK_EPOCHS["pretrain"], args.epochs_scale)),
-            "--output-dir", str(weights_dir), "--log-dir", str(log_dir), *common, *extra])
+            "--output-dir", str(weights_dir), "--log-dir", str(log_dir), "--resume", "auto",
+            *common, *extra])
         pretrained = str(pretrain_dir / "best.pth")
     else:
         args.data_path = args.data_path or "./flower_photos"

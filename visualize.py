@@ -231,20 +231,22 @@ def plot_attention(image: torch.Tensor, rollout: torch.Tensor, last: torch.Tenso
     return fig
 
 
-def plot_curves(curves: dict[str, Sequence[float]], references: dict[str, float] | None = None,
+def plot_curves(curves: dict[str, dict[int, float]], references: dict[str, float] | None = None,
                 ylabel: str = "validation accuracy", title: str = "") -> Figure:
-    """One line per curve (epoch on x), and dashed horizontal reference lines."""
+    """One line per curve ({epoch: value}, epochs from 1), dashed horizontal references."""
+    from matplotlib.ticker import MaxNLocator
+
     fig = _figure(6.4, 4.0)
     ax = fig.add_subplot()
     colours = {}
-    for name, values in curves.items():
-        (line,) = ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3,
+    for name, points in curves.items():
+        epochs = sorted(points)
+        (line,) = ax.plot(epochs, [points[e] for e in epochs], marker="o", markersize=3,
                           label=name)
         colours[name] = line.get_color()
     for name, value in (references or {}).items():
         ax.axhline(value, linestyle="--", linewidth=1, color=colours.get(name, "gray"),
                    label=f"{name}: report {value:.3f}")
-    from matplotlib.ticker import MaxNLocator
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)

@@ -61,14 +61,18 @@ def test_quick_runs_are_the_report_runs(quick_run):
     assert not torch.equal(frozen["head.weight"], start["head.weight"])
 
 
-def test_finished_runs_are_not_trained_again(quick_run, capsys):
+def test_finished_runs_are_skipped_and_unfinished_ones_trained(quick_run, capsys):
     _, out, _, data = quick_run
-    before = (out / "run3" / "weights" / "best.pth").stat().st_mtime_ns
+    before = (out / "run2" / "weights" / "best.pth").stat().st_mtime_ns
+    (out / "run3" / "weights" / "model-0.pth").unlink()  # as if run 3 had been interrupted
     rc = reproduce.main(["--quick", "--out", str(out), "--data-path", data,
                          "--epochs-scale", "0.01", "--", "--workers", "0", "--batch-size", "8"])
     assert rc == 0
-    assert capsys.readouterr().out.count("already trained") == 4
-    assert (out / "run3" / "weights" / "best.pth").stat().st_mtime_ns == before
+    printed = capsys.readouterr().out
+    assert printed.count("already trained") == 3 and "run 3: python train.py" in printed
+    assert (out / "run2" / "weights" / "best.pth").stat().st_mtime_ns == before
+    assert (out / "run3" / "weights" / "model-0.pth").is_file()
+    assert len((out / "results.md").read_text().split("| 3 |")) == 2
 
 
 def test_full_mode_without_weights_exits_2(quick_run, tmp_path, capsys):
