@@ -41,6 +41,7 @@ from utils import (
     train_one_epoch,
     write_class_indices,
 )
+from visualize import plot_confusion_matrix
 from vit_model import VisionTransformer, create_model, list_models
 from weights import WeightsError, fit_state_dict, read_weights
 
@@ -469,7 +470,7 @@ def train(args: argparse.Namespace) -> int:
                                               settings, dist_info)
             scheduler.step()
             val_stats = evaluate(runner, val_loader, device, epoch, amp_dtype, dist_info,
-                                 features_cache)
+                                 features_cache, num_classes)
             metrics = {"train_loss": train_stats["loss"], "train_acc": train_stats["acc"],
                        "val_loss": val_stats["loss"], "val_acc": val_stats["acc"],
                        "learning_rate": lr, "images_per_sec": train_stats["images_per_sec"]}
@@ -479,6 +480,8 @@ def train(args: argparse.Namespace) -> int:
                 continue
             for tag, value in metrics.items():
                 writer.add_scalar(tag, value, epoch)
+            writer.add_figure("confusion_matrix", plot_confusion_matrix(
+                val_stats["confusion"], split.class_names, f"Validation, epoch {epoch}"), epoch)
             writer.flush()
             is_best = val_stats["acc"] > best_acc
             best_acc = max(best_acc, val_stats["acc"])

@@ -307,12 +307,12 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data_loa
 @torch.no_grad()
 def evaluate(model: nn.Module, data_loader, device: torch.device, epoch: int,
              amp_dtype: torch.dtype | None = None, dist_info: Distributed | None = None,
-             features_cache: dict | None = None) -> dict[str, float]:
+             features_cache: dict | None = None, num_classes: int | None = None) -> dict:
     """Loss and accuracy over the validation set, averaged over samples (not batches).
 
     With features_cache (a dict, for a frozen backbone), the class-token features are
     computed on the first call and only the head runs on later ones: same numbers, a
-    fraction of the time.
+    fraction of the time. With num_classes, also returns "confusion": counts[true, predicted].
     """
     dist_info = dist_info or Distributed()
     model.eval()
@@ -326,6 +326,7 @@ def evaluate(model: nn.Module, data_loader, device: torch.device, epoch: int,
     batches = (list(zip(features_cache["features"], features_cache["labels"], strict=True))
                if cached else data_loader)
     new_features, new_labels = [], []
+    confusion = torch.zeros(((num_classes or 1) ** 2,), dtype=torch.int64, device=device)
     bar = _bar(batches, dist_info.is_main)
     for step, (inputs, labels) in enumerate(bar):
         inputs = inputs.to(device, non_blocking=True)
@@ -342,8 +343,12 @@ def evaluate(model: nn.Module, data_loader, device: torch.device, epoch: int,
             else:
                 logits = model(inputs)
         total_loss += loss_function(logits.float(), labels).double()
-        total_correct += (logits.argmax(dim=1) == labels).sum()
+        preds = logits.argmax(dim=1)
+        total_correct += (preds == labels).sum()
         total_seen += labels.shape[0]
+        if num_classes:
+            confusion += torch.bincount(labels * num_classes + preds,
+                                        minlength=num_classes ** 2)
         if step % 20 == 0 or step + 1 == len(batches):
             bar.desc = (f"[valid epoch {epoch}] loss: {total_loss.item() / total_seen:.3f}, "
                         f"acc: {total_correct.item() / total_seen:.3f}")
@@ -351,7 +356,11 @@ def evaluate(model: nn.Module, data_loader, device: torch.device, epoch: int,
         features_cache.update(features=new_features, labels=new_labels)
     loss_sum, correct, seen = all_reduce_sums(
         [total_loss.item(), float(total_correct.item()), float(total_seen)], device, dist_info)
-    return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1), "samples": int(seen)}
+    stats = {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1), "samples": int(seen)}
+    if num_classes:
+        counts = all_reduce_sums(confusion.tolist(), device, dist_info)
+        stats["confusion"] = torch.tensor(counts, dtype=torch.int64).reshape(num_classes, -1)
+    return stats
 
 
 def lr_lambda(epochs: int, lrf: float, warmup_epochs: int = 0):

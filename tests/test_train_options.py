@@ -90,6 +90,13 @@ def test_device_data_trains_on_the_cpu(demo_flowers, tmp_path, capsys):
     assert "Images decoded once and kept on cpu." in capsys.readouterr().out
     checkpoint = torch.load(tmp_path / "weights" / "model-1.pth", weights_only=True)
     assert checkpoint["samples"] == {"train": 50, "val": 10}
+    # Each epoch's validation confusion matrix is a TensorBoard image.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((tmp_path / "runs").iterdir())),
+                              size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("confusion_matrix")] == [0, 1]
 
 
 def test_frozen_backbone_cached_validation_matches_full_validation(demo_flowers, tmp_path):
