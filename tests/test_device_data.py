@@ -13,7 +13,7 @@ from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import functional as TF
 
 from demo_data import draw_image
-from device_data import DeviceImageLoader, DeviceMemoryError, crop_params
+from device_data import DeviceImageLoader, DeviceMemoryError, crop_params, jpeg_header
 from my_dataset import MEAN, STD, MyDataSet, build_transforms, open_rgb
 
 # Measured on the CPU: at most one grey level from the PIL pipeline (torch's uint8 resize
@@ -142,6 +142,21 @@ def test_crop_params_follow_torchvision():
     top, left, h, w = crop_params(torch.full((50,), 10), torch.full((50,), 400),
                                   torch.Generator().manual_seed(1))
     assert (h == 10).all() and (w == 13).all() and (left == (400 - 13) // 2).all()
+
+
+@pytest.mark.parametrize("options", [
+    dict(mode="RGB"), dict(mode="L"), dict(mode="CMYK"), dict(mode="RGB", progressive=True),
+    dict(mode="RGB", exif=b"Exif\x00\x00" + bytes(3000), subsampling=0),
+    dict(mode="RGB", icc_profile=bytes(70_000))])  # an ICC profile spans several segments
+def test_jpeg_header_agrees_with_pil(tmp_path, options):
+    path = tmp_path / "x.jpg"
+    mode = options.pop("mode")
+    Image.new("RGB", (123, 45), (200, 30, 90)).convert(mode).save(path, quality=80, **options)
+    data = path.read_bytes()
+    channels = {"RGB": 3, "L": 1, "CMYK": 4}[mode]
+    assert jpeg_header(data) == (8, 45, 123, channels)
+    assert jpeg_header(b"\x89PNG\r\n\x1a\n" + data) is None
+    assert jpeg_header(data[:20]) is None  # cut before the frame header
 
 
 def test_shards_split_the_images(images):
