@@ -152,8 +152,9 @@ def format_table(headers: list[str], rows: list[list]) -> str:
               for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(),
              "  ".join("-" * w for w in widths)]
-    # Numbers right-aligned, text left-aligned.
-    lines += ["  ".join(text.rjust(w) if isinstance(value, int | float) else text.ljust(w)
+    # Numbers (and missing numbers) right-aligned, text left-aligned.
+    lines += ["  ".join(text.rjust(w) if value is None or isinstance(value, int | float)
+                        else text.ljust(w)
                         for value, text, w in zip(raw, row, widths, strict=True)).rstrip()
               for raw, row in zip(rows, cells, strict=True)]
     return "\n".join(lines)
