@@ -296,6 +296,63 @@ def time_inference(model: nn.Module, run: Callable, args: argparse.Namespace,
     return args.infer_batch_size / time_loop(step, device, args.warmup, args.steps, args.repeats)
 
 
+def profile_section(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None
+                    ) -> list[dict]:
+    """Where a training step's time goes at --batch-size: wall clock against GPU busy time.
+
+    A step whose wall time far exceeds its GPU time is bound by launching kernels from
+    Python; CUDA graphs (replaying the whole forward and backward as one launch) are then
+    the lever, and this section times them too (torch.cuda.make_graphed_callables).
+    """
+    rows = [profile_step(args, device, dtype, graphed)
+            for graphed in ((False, True) if device.type == "cuda" else (False,))]
+    print(format_table(["mode", "step ms", "GPU busy ms", "kernels/step", "img/s"],
+                       [[r["mode"], r["step_ms"], r["gpu_busy_ms"], r["kernels_per_step"],
+                         r["img_s"]] for r in rows]))
+    return rows
+
+
+def profile_step(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None,
+                 graphed: bool) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    model = create_model(args.model_name, num_classes=5).to(device).train()
+    size = _input_size(model)
+    x = torch.randn(args.batch_size, 3, size, size, device=device)
+    y = torch.randint(0, 5, (args.batch_size,), device=device)
+    fused = {"fused": True} if device.type == "cuda" else {}
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, **fused)
+    amp = dict(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+    run = model
+    if graphed:  # autocast's weight cache cannot live across graph replays
+        with torch.autocast(**amp, cache_enabled=False):
+            run = torch.cuda.make_graphed_callables(model, (x,))
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> None:
+        with torch.autocast(**amp, cache_enabled=not graphed):
+            loss = loss_fn(run(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    per_step = time_loop(step, device, args.warmup, args.steps, args.repeats)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                           if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(5):
+            step()
+        sync(device)
+    events = prof.key_averages()
+    busy_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
+                  for e in events)
+    kernels = sum(e.count for e in events if str(getattr(e, "device_type", "")).endswith("CUDA"))
+    free_memory(device)
+    return {"mode": "CUDA graph" if graphed else "eager", "step_ms": per_step * 1e3,
+            "gpu_busy_ms": busy_us / 5 / 1e3, "kernels_per_step": kernels / 5,
+            "img_s": args.batch_size / per_step}
+
+
 def _input_size(model: nn.Module) -> int:
     if hasattr(model, "patch_embed"):
         size = model.patch_embed.img_size
@@ -646,6 +703,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed windows; the median counts (default: 3 CUDA, 1 CPU)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    parser.add_argument("--profile", action="store_true",
+                        help="where a training step's time goes at --batch-size (SGD, our "
+                             "model): wall vs GPU busy, eager and as a CUDA graph")
     parser.add_argument("--data", action="store_true", help="the data pipeline section")
     parser.add_argument("--img-size", type=int, default=224, help="image size of --data")
     parser.add_argument("--e2e", action="store_true", help="the whole-run section")
@@ -742,6 +802,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"inference batch {args.infer_batch_size}, {args.steps} steps x "
                   f"{args.repeats}, images/s):", flush=True)
             section("model", lambda: model_section(args, device, dtype))
+        if args.profile:
+            print(f"\nStep anatomy ({args.model_name}, SGD, batch {args.batch_size}, "
+                  f"{args.dtype}):", flush=True)
+            section("profile", lambda: profile_section(args, device, dtype))
         if args.data:
             print(f"\nData ({args.img_size} px, one training epoch over the stand-in's "
                   f"training split):", flush=True)
