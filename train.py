@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import random
 import sys
@@ -482,9 +483,10 @@ def train(args: argparse.Namespace) -> int:
                 continue
             for tag, value in metrics.items():
                 writer.add_scalar(tag, value, epoch)
-            writer.add_figure("confusion_matrix", plot_confusion_matrix(
-                val_stats["confusion"], split.class_names, f"Validation, epoch {epoch}"), epoch)
-            writer.flush()
+            figure = plot_confusion_matrix(val_stats["confusion"], split.class_names,
+                                           f"Validation, epoch {epoch}")
+            # Rendering takes a few tenths of a second: off the training thread.
+            saver.run(functools.partial(writer.add_figure, "confusion_matrix", figure, epoch))
             is_best = val_stats["acc"] > best_acc
             best_acc = max(best_acc, val_stats["acc"])
             checkpoint = make_checkpoint(
@@ -496,6 +498,7 @@ def train(args: argparse.Namespace) -> int:
             paths = [output_dir / f"model-{epoch}.pth"] + ([output_dir / "best.pth"]
                                                            if is_best else [])
             saver.save(checkpoint, paths, after=lambda: prune_checkpoints(output_dir, args.keep))
+            saver.run(writer.flush)
     except KeyboardInterrupt:
         if dist_info.is_main:
             saver.wait()

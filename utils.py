@@ -446,6 +446,10 @@ class CheckpointWriter:
 
         self._pending.append(self._pool.submit(write))
 
+    def run(self, work) -> None:
+        """Any other slow output (a TensorBoard figure), on the same thread, in order."""
+        self._pending.append(self._pool.submit(work))
+
     def wait(self) -> None:
         pending, self._pending = self._pending, []
         for future in pending:
