@@ -117,3 +117,15 @@ def test_frozen_backbone_cached_validation_matches_full_validation(demo_flowers,
         assert cached["val_acc"] == full["val_acc"]
         assert cached["val_loss"] == pytest.approx(full["val_loss"], rel=1e-5)
         assert cached["train_loss"] == pytest.approx(full["train_loss"], rel=1e-5)
+
+
+def test_compile_saves_the_plain_module(demo_flowers, tmp_path):
+    assert train.main([
+        "--compile", "--data-path", str(demo_flowers), "--model-name", "vit_demo_patch8_64",
+        "--weights", "", "--no-freeze-layers", "--epochs", "1", "--device", "cpu",
+        "--workers", "0", "--output-dir", str(tmp_path / "weights"),
+        "--log-dir", str(tmp_path / "runs")]) == 0
+    state = torch.load(tmp_path / "weights" / "best.pth", weights_only=True)["model"]
+    assert not any(key.startswith("_orig_mod.") for key in state)
+    model = create_model("vit_demo_patch8_64", num_classes=5)
+    model.load_state_dict(state, strict=True)
