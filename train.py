@@ -536,6 +536,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # before the first epoch: nothing to save yet
+        print("\nInterrupted before training started; nothing was written.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
