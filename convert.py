@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 
-import torch
-
+from utils import save_checkpoint
 from vit_model import VisionTransformer, create_model
 from weights import Weights, WeightsError, check_fits, describe_architecture, read_weights
 
@@ -58,19 +55,6 @@ def build_matching_model(weights: Weights, model_name: str) -> VisionTransformer
         raise WeightsError(str(err)) from None
 
 
-def save_atomically(obj: object, dst: Path) -> None:
-    """torch.save to a temporary file beside dst, then rename: no half-written dst."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
@@ -85,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                       "source_format": weights.format}
         else:
             output = state_dict
-        save_atomically(output, Path(args.dst))
+        save_checkpoint(output, Path(args.dst))
     except WeightsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -20,16 +20,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import pickle
 import sys
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from predict import load_classifier, predict_probs, resolve_weights
-from utils import UserError, read_split_data, select_device
+from utils import UserError, peek_checkpoint, read_split_data, select_device
 from visualize import (
     confusion_matrix,
     per_class_metrics,
@@ -75,15 +73,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 def read_checkpoint_args(path: Path) -> dict:
     """The "args" train.py stored in a checkpoint; {} for files without them.
 
-    mmap reads only the pickled header, not the tensors, so this is cheap even for
-    ViT-B's 330 MB; read_weights reports any problem with the file itself.
+    Cheap even for ViT-B (peek_checkpoint); read_weights reports any problem with the file.
     """
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, ValueError, OSError, EOFError, pickle.UnpicklingError,
-            zipfile.BadZipFile):
-        return {}
-    args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    args = (peek_checkpoint(path) or {}).get("args")
     return dict(args) if isinstance(args, dict) else {}
 
 

@@ -26,17 +26,13 @@ It checks that the pipeline works; its numbers mean nothing for ViT-B/16 on flow
 from __future__ import annotations
 
 import argparse
-import pickle
 import sys
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 import train
 from demo_data import make_demo_flowers
-from utils import UserError
+from utils import UserError, peek_checkpoint
 
 
 @dataclass(frozen=True)
@@ -58,7 +54,7 @@ RUNS = (Run("1", True, True, 10, 0.981), Run("2", True, False, 10, 0.978),
 PAPER_TABLE5 = {"Oxford Flowers-102": 99.38, "Oxford-IIIT Pets": 94.43, "CIFAR-10": 98.95,
                 "CIFAR-100": 91.67, "ImageNet": 83.97}
 QUICK_EPOCHS = {"pretrain": 4, "1": 3, "2": 3, "3": 6}
-QUICK_MODEL = "vit_demo_patch8_64"
+QUICK_MODEL = train.DEMO_SETTINGS["model_name"]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -108,17 +104,13 @@ def quick_settings() -> list[str]:
     # The demo settings train.py's --demo uses, so the small model learns in a few epochs.
     demo = train.DEMO_SETTINGS
     return ["--model-name", QUICK_MODEL, "--device", "cpu",
-            "--batch-size", str(demo.get("batch_size", 16)), "--lr", str(demo.get("lr", 0.05))]
+            "--batch-size", str(demo["batch_size"]), "--lr", str(demo["lr"])]
 
 
 def load_progress(path: Path) -> tuple[int, dict] | None:
-    """(epoch, metrics) of a checkpoint; mmap reads the header only, not ViT-B's 330 MB."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError,
-            zipfile.BadZipFile):
-        return None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("metrics"), dict):
+    """(epoch, metrics) of a checkpoint, cheaply (peek_checkpoint); None if it has none."""
+    checkpoint = peek_checkpoint(path)
+    if checkpoint is None or not isinstance(checkpoint.get("metrics"), dict):
         return None
     return int(checkpoint.get("epoch", -1)), checkpoint["metrics"]
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import random
 import sys
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -458,6 +460,20 @@ class CheckpointWriter:
     def close(self) -> None:
         self.wait()
         self._pool.shutdown()
+
+
+def peek_checkpoint(path: str | Path) -> dict | None:
+    """A train.py checkpoint's entries, or None for a file that is not one.
+
+    mmap reads only the pickled header and maps the tensors without reading them, so
+    looking at a ViT-B checkpoint's epoch, metrics or args is cheap.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError,
+            zipfile.BadZipFile):
+        return None
+    return checkpoint if isinstance(checkpoint, dict) else None
 
 
 def find_checkpoint(folder: str | Path) -> Path | None:
