@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from my_dataset import MEAN, STD, MyDataSet, build_transforms, check_image, is_image_file, open_rgb
 from utils import UserError, find_checkpoint, read_class_indices, select_device
 from vit_model import VisionTransformer, create_model, list_models
-from weights import WeightsError, read_weights
+from weights import WeightsError, head_is_zero, read_weights
 
 MAX_GRID = 64  # images in one --save-fig grid; beyond that the pictures become stamps
 FIGURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
@@ -159,7 +159,7 @@ def load_classifier(weights_path: Path, class_indices: str | None = None,
     except RuntimeError as err:
         raise UserError(f"{weights_path} does not fit {model_name}: "
                         f"{str(err).splitlines()[1].strip()}") from None
-    if head is not None and not head.any():
+    if head_is_zero(state_dict):
         print(f"warning: the head in {weights_path} is all zeros (as in the ImageNet-21k "
               f"release); every class gets the same probability. Fine-tune it first.",
               file=sys.stderr)
