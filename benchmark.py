@@ -50,7 +50,7 @@ from torch import nn
 
 from demo_data import draw_image
 from my_dataset import MyDataSet, build_transforms
-from utils import read_split_data
+from utils import epoch_checkpoints, peek_checkpoint, read_split_data
 from vit_model import create_model, list_models
 
 # flower_photos' class folders and their image counts (REFERENCE.md).
@@ -568,7 +568,7 @@ def run_loop(args: argparse.Namespace, device: torch.device, dtype: torch.dtype 
 
 
 def train_py_argv(args: argparse.Namespace, device: torch.device, root: Path, out: Path,
-                  frozen: bool, notes: list[str]) -> list[str]:
+                  frozen: bool, notes: list[str], extra: tuple[str, ...] = ()) -> list[str]:
     """train.py's command line for this run, with only the flags its parser has today."""
     import train
 
@@ -595,16 +595,18 @@ def train_py_argv(args: argparse.Namespace, device: torch.device, root: Path, ou
     # The reference saves nothing; train.py saves every epoch, and its time counts.
     if "--keep" in options:
         argv += ["--keep", "1"]
-    return argv
+    return argv + list(extra)
 
 
 def run_train_py(args: argparse.Namespace, device: torch.device, root: Path, frozen: bool,
-                 log: Path, notes: list[str]) -> dict:
-    """train.main in this process, its output appended to `log`; wall-clock seconds."""
+                 log: Path, notes: list[str], extra: tuple[str, ...] = ()) -> dict:
+    """train.main in this process, its output appended to `log`; wall-clock seconds, and
+    the last epoch's training-phase speed from its checkpoint (the rest of an epoch is
+    validation, checkpointing and logging)."""
     import train
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
-        argv = train_py_argv(args, device, root, Path(tmp), frozen, notes)
+        argv = train_py_argv(args, device, root, Path(tmp), frozen, notes, extra)
         captured = io.StringIO()
         start = time.perf_counter()
         with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
@@ -614,6 +616,8 @@ def run_train_py(args: argparse.Namespace, device: torch.device, root: Path, fro
                 status = exit_.code if isinstance(exit_.code, int) else 1
         sync(device)
         seconds = time.perf_counter() - start
+        saved = epoch_checkpoints(Path(tmp) / "weights")
+        metrics = (peek_checkpoint(saved[-1][1]) or {}).get("metrics", {}) if saved else {}
     with log.open("a") as handle:
         handle.write(f"$ python train.py {' '.join(argv)}\n{captured.getvalue()}\n")
     accuracy = None
@@ -625,7 +629,8 @@ def run_train_py(args: argparse.Namespace, device: torch.device, root: Path, fro
         notes.append(f"train.py exited with {status}: {' | '.join(tail)}")
     free_memory(device)
     return {"seconds": seconds, "val_acc": accuracy, "ok": status == 0,
-            "argv": "python train.py " + " ".join(argv)}
+            "argv": "python train.py " + " ".join(argv),
+            "train_img_s": metrics.get("images_per_sec")}
 
 
 def e2e_section(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None,
@@ -637,6 +642,7 @@ def e2e_section(args: argparse.Namespace, device: torch.device, dtype: torch.dty
         have_timm = False
     else:
         have_timm = True
+    variants = [tuple(v.split()) for v in args.e2e_variants.split(";") if v.strip()]
     rows = []
     for frozen in [m == "frozen" for m in args.e2e_modes.split(",") if m.strip()]:
         mode = "frozen" if frozen else "unfrozen"
@@ -646,6 +652,10 @@ def e2e_section(args: argparse.Namespace, device: torch.device, dtype: torch.dty
                          lambda f=frozen: run_loop(args, device, dtype, root, f, "reference")))
         runs.append(("train.py", lambda f=frozen: run_train_py(args, device, root, f, log,
                                                                notes)))
+        for variant in variants:
+            runs.append((f"train.py {' '.join(variant)}",
+                         lambda f=frozen, v=variant: run_train_py(args, device, root, f, log,
+                                                                  notes, v)))
         if args.e2e_projection:
             runs.append(("DeviceImageLoader + ours (loop here)",
                          lambda f=frozen: run_loop(args, device, dtype, root, f,
@@ -663,6 +673,7 @@ def e2e_section(args: argparse.Namespace, device: torch.device, dtype: torch.dty
                          "seconds": result["seconds"],
                          "s_per_epoch": result["seconds"] / args.e2e_epochs,
                          "val_acc": result["val_acc"], "ok": result["ok"],
+                         "train_img_s": result.get("train_img_s"),
                          **({"argv": result["argv"]} if "argv" in result else {})})
     for row in rows:
         reference = next((r for r in rows if r["mode"] == row["mode"]
@@ -670,9 +681,10 @@ def e2e_section(args: argparse.Namespace, device: torch.device, dtype: torch.dty
         row["speedup_vs_reference"] = (reference["seconds"] / row["seconds"]
                                        if reference else None)
     print(format_table(["mode", "pipeline", "epochs", "total s", "s/epoch", "speed-up",
-                        "val acc"],
+                        "val acc", "last epoch train img/s"],
                        [[r["mode"], r["pipeline"], r["epochs"], r["seconds"], r["s_per_epoch"],
-                         r["speedup_vs_reference"], r["val_acc"]] for r in rows]))
+                         r["speedup_vs_reference"], r["val_acc"], r["train_img_s"]]
+                        for r in rows]))
     return rows
 
 
@@ -722,6 +734,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         default=True, help="pass --device-data to train.py when it has it")
     parser.add_argument("--e2e-compile", action="store_true",
                         help="pass --compile to train.py when it has it")
+    parser.add_argument("--e2e-variants", default="",
+                        help="';'-separated sets of extra train.py flags, one more train.py "
+                             "run each; give it with '=': --e2e-variants='--no-cuda-graphs'")
     parser.add_argument("--e2e-projection", action="store_true",
                         help="also run DeviceImageLoader + our model in the benchmark's loop")
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),

@@ -25,6 +25,7 @@ from download import DownloadError
 from my_dataset import MyDataSet, build_transforms
 from utils import (
     CheckpointWriter,
+    CudaGraphModel,
     Distributed,
     NonFiniteLossError,
     ShardSampler,
@@ -128,6 +129,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     speed.add_argument("--device-data", action=argparse.BooleanOptionalAction, default=None,
                        help="decode every image once on the GPU and augment there, instead of "
                             "decoding JPEGs on the CPU every epoch (default: on for CUDA)")
+    speed.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                       help="replay each training step's forward and backward as CUDA graphs: "
+                            "small batches stop waiting on Python's kernel launches (default: "
+                            "on for one CUDA process without --compile)")
     speed.add_argument("--val-batch-size", type=int, default=None,
                        help="validation batch (default: 2x --batch-size; no gradients to hold)")
     speed.add_argument("--cache-val-features", action=argparse.BooleanOptionalAction,
@@ -280,6 +285,25 @@ def amp_settings(args: argparse.Namespace, device: torch.device
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return torch.float16, torch.amp.GradScaler("cuda")
     return torch.bfloat16, None
+
+
+def use_cuda_graphs(args: argparse.Namespace, device: torch.device, dist_info: Distributed,
+                    log=print) -> bool:
+    """CUDA graphs where they work: one CUDA process, the model not compiled."""
+    if args.cuda_graphs is False:
+        return False
+    reason = None
+    if device.type != "cuda":
+        reason = f"they need a CUDA device, and this run uses {device.type}"
+    elif dist_info.enabled:
+        reason = "DistributedDataParallel's gradient hooks cannot be captured"
+    elif args.compile:
+        reason = "--compile is on (its mode='reduce-overhead' would capture instead)"
+    if reason is None:
+        return True
+    if args.cuda_graphs:  # asked for by name: say why not
+        log(f"note: --cuda-graphs is off: {reason}.")
+    return False
 
 
 def rng_states() -> dict:
@@ -446,6 +470,10 @@ def train(args: argparse.Namespace) -> int:
 
         runner = DistributedDataParallel(
             runner, device_ids=[device.index] if device.type == "cuda" else None)
+    train_runner = runner
+    if use_cuda_graphs(args, device, dist_info, log):
+        train_runner = CudaGraphModel(runner, amp_dtype, args.accum_steps > 1, log=log)
+        log("CUDA graphs: full training batches replay one captured forward and backward.")
     settings = StepSettings(amp_dtype, scaler, args.accum_steps, args.clip_grad,
                             args.label_smoothing)
     features_cache = {} if args.freeze_layers and args.cache_val_features else None
@@ -469,8 +497,8 @@ def train(args: argparse.Namespace) -> int:
             # join() lets ranks whose share is one batch shorter finish the epoch cleanly.
             uneven = runner.join() if dist_info.enabled else contextlib.nullcontext()
             with uneven:
-                train_stats = train_one_epoch(runner, optimizer, train_loader, device, epoch,
-                                              settings, dist_info)
+                train_stats = train_one_epoch(train_runner, optimizer, train_loader, device,
+                                              epoch, settings, dist_info)
             scheduler.step()
             val_stats = evaluate(runner, val_loader, device, epoch, amp_dtype, dist_info,
                                  features_cache, num_classes)

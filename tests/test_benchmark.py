@@ -64,7 +64,8 @@ def test_benchmark_runs_every_section(tmp_path, capsys):
         "--infer-batch-size", "2", "--steps", "1", "--warmup", "1",
         "--data", "--img-size", "64", "--workers", "0",
         "--e2e", "--e2e-scale", "0.01", "--e2e-epochs", "1", "--e2e-model", "vit_demo_patch8_64",
-        "--e2e-projection", "--standin", str(tmp_path / "standin"), "--json", str(out)])
+        "--e2e-projection", "--e2e-variants=--no-cuda-graphs",
+        "--standin", str(tmp_path / "standin"), "--json", str(out)])
     printed = capsys.readouterr().out
     assert status == 0, printed
     for heading in ("Model (vit_demo_patch8_64", "Data (64 px", "End to end (vit_demo_patch8_64",
@@ -87,9 +88,13 @@ def test_benchmark_runs_every_section(tmp_path, capsys):
         assert row["images"] == 31 and row["img_s"] > 0  # 36 less 1 per class to validate
     assert [(r["mode"], r["pipeline"].split(":")[0]) for r in results["e2e"]] == [
         (mode, name) for mode in ("frozen", "unfrozen")
-        for name in ("reference", "train.py", "DeviceImageLoader + ours (loop here)")]
+        for name in ("reference", "train.py", "train.py --no-cuda-graphs",
+                     "DeviceImageLoader + ours (loop here)")]
     for row in results["e2e"]:
         assert row["ok"] and row["seconds"] > 0 and row["speedup_vs_reference"] > 0
         assert 0.0 <= row["val_acc"] <= 1.0
+        # train.py rows also give the training phase's speed, from the last checkpoint
+        assert ((row["train_img_s"] or 0) > 0) == row["pipeline"].startswith("train.py")
     log = Path(str(out.with_suffix(".train.log"))).read_text()
-    assert log.count("$ python train.py") == 2 and "--no-freeze-layers" in log
+    assert log.count("$ python train.py") == 4 and "--no-freeze-layers" in log
+    assert log.count("--keep 1 --no-cuda-graphs") == 2

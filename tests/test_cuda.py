@@ -1,0 +1,167 @@
+"""The CUDA-only paths: CUDA graphs (utils.CudaGraphModel) and checkpoint copies from the GPU.
+
+CudaGraphModel: which batches replay the graphs, and that training is unchanged.
+
+Capturing needs CUDA. On the CPU the capture function is replaced by one that records what
+it is given and runs the module eagerly, which tests the routing (training batches to the
+graphs, the short last batch padded; evaluation and no-grad calls eagerly) and the fallback
+when capturing fails. The CUDA tests (run on a GPU machine) compare real graphs with eager
+steps.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import train
+from utils import CheckpointWriter, CudaGraphModel, StepSettings, evaluate, train_one_epoch
+from vit_model import VisionTransformer
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def tiny_model() -> VisionTransformer:
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                             num_classes=3)
+
+
+def batches(device: str = "cpu", batch_size: int = 4) -> DataLoader:
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(11, 3, 16, 16, generator=generator)
+    labels = torch.randint(0, 3, (11,), generator=generator)
+    # 11 images in batches of 4: two full batches, then one of 3.
+    return DataLoader(TensorDataset(images.to(device), labels.to(device)),
+                      batch_size=batch_size)
+
+
+class RecordingCapture:
+    """Stands in for torch.cuda.make_graphed_callables: records, then runs eagerly."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.captured_shapes: list[torch.Size] = []
+        self.replayed_shapes: list[torch.Size] = []
+
+    def __call__(self, module, sample_args):
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        self.captured_shapes.append(sample_args[0].shape)
+        assert not torch.is_autocast_cache_enabled() or not torch.is_autocast_enabled()
+
+        def replay(images):
+            self.replayed_shapes.append(images.shape)
+            return module(images)
+        return replay
+
+
+def train_epochs(model, loader, device: str, epochs: int = 2, amp_dtype=None,
+                 accum_steps: int = 1) -> list[dict]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    settings = StepSettings(amp_dtype=amp_dtype, accum_steps=accum_steps)
+    return [train_one_epoch(model, optimizer, loader, torch.device(device), epoch, settings)
+            for epoch in range(epochs)]
+
+
+def test_training_batches_replay_padded_and_the_rest_run_eagerly():
+    eager = tiny_model()
+    graphed_model = copy.deepcopy(eager)
+    capture = RecordingCapture()
+    graphed = CudaGraphModel(graphed_model, capture=capture)
+
+    eager_stats = train_epochs(eager, batches(), "cpu")
+    graphed_stats = train_epochs(graphed, batches(), "cpu")
+
+    assert capture.captured_shapes == [torch.Size([4, 3, 16, 16])]  # once, not per epoch
+    # Two epochs x three batches, all replayed: the batch of 3 padded to the captured 4.
+    assert capture.replayed_shapes == [torch.Size([4, 3, 16, 16])] * 6
+    assert [s["samples"] for s in graphed_stats] == [11, 11]
+    assert [s["acc"] for s in graphed_stats] == [s["acc"] for s in eager_stats]
+    for e, g in zip(eager_stats, graphed_stats, strict=True):  # the padding changes nothing
+        assert g["loss"] == pytest.approx(e["loss"], rel=1e-6)
+    for a, b in zip(eager.parameters(), graphed_model.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+    evaluate(graphed, batches(), torch.device("cpu"), 0)  # eval mode: never the graphs
+    with torch.no_grad():
+        graphed.train()(torch.zeros(4, 3, 16, 16))        # no gradients: never the graphs
+    graphed(torch.zeros(5, 3, 16, 16)).sum().backward()   # larger than captured: eagerly
+    assert len(capture.replayed_shapes) == 6
+
+
+def test_a_failed_capture_is_noted_once_and_training_goes_on_eagerly():
+    eager = tiny_model()
+    graphed_model = copy.deepcopy(eager)
+    notes = []
+    graphed = CudaGraphModel(graphed_model, capture=RecordingCapture(fail=True),
+                             log=notes.append)
+
+    eager_stats = train_epochs(eager, batches(), "cpu")
+    graphed_stats = train_epochs(graphed, batches(), "cpu")
+
+    assert len(notes) == 1 and "could not be captured" in notes[0]
+    assert "training eagerly" in notes[0]
+    assert [s["loss"] for s in graphed_stats] == [s["loss"] for s in eager_stats]
+
+
+def test_train_py_says_why_cuda_graphs_are_off_on_the_cpu(demo_flowers, tmp_path, capsys):
+    assert train.main([
+        "--cuda-graphs", "--data-path", str(demo_flowers), "--model-name", "vit_demo_patch8_64",
+        "--weights", "", "--no-freeze-layers", "--epochs", "1", "--device", "cpu",
+        "--workers", "0", "--output-dir", str(tmp_path / "weights"),
+        "--log-dir", str(tmp_path / "runs")]) == 0
+    assert "note: --cuda-graphs is off: they need a CUDA device" in capsys.readouterr().out
+    assert (tmp_path / "weights" / "model-0.pth").is_file()
+
+
+@cuda
+@pytest.mark.parametrize(("amp_dtype", "accum_steps"),
+                         [(None, 1), (torch.bfloat16, 1), (None, 2)])
+def test_cuda_graphs_train_like_eager_steps(amp_dtype, accum_steps):
+    torch.backends.cudnn.benchmark = False  # the same convolution kernels on both sides
+    eager = tiny_model().cuda()
+    graphed_model = copy.deepcopy(eager)
+    graphed = CudaGraphModel(graphed_model, amp_dtype, accumulate=accum_steps > 1)
+    # Batches of 2: with accumulation over 2, both micro-batches of a step are replays.
+    size = 4 if accum_steps == 1 else 2
+    common = dict(amp_dtype=amp_dtype, accum_steps=accum_steps)
+    eager_stats = train_epochs(eager, batches("cuda", size), "cuda", **common)
+    graphed_stats = train_epochs(graphed, batches("cuda", size), "cuda", **common)
+
+    assert graphed.graphed is not None and not graphed.failed
+    tolerance = 1e-5 if amp_dtype is None else 2e-2
+    for e, g in zip(eager_stats, graphed_stats, strict=True):
+        assert g["samples"] == e["samples"] == 11
+        assert g["loss"] == pytest.approx(e["loss"], rel=tolerance, abs=tolerance)
+    for a, b in zip(eager.parameters(), graphed_model.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=tolerance, atol=tolerance)
+
+
+@cuda
+def test_train_py_captures_on_cuda(demo_flowers, tmp_path, capsys):
+    assert train.main([
+        "--cuda-graphs", "--data-path", str(demo_flowers), "--model-name", "vit_demo_patch8_64",
+        "--weights", "", "--no-freeze-layers", "--epochs", "2", "--device", "cuda",
+        "--output-dir", str(tmp_path / "weights"), "--log-dir", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert "CUDA graphs: full training batches replay" in out
+    assert "could not be captured" not in out
+    checkpoint = torch.load(tmp_path / "weights" / "model-1.pth", weights_only=True)
+    assert checkpoint["samples"] == {"train": 50, "val": 10}
+    assert not any(key.startswith(("model.", "graphed.")) for key in checkpoint["model"])
+
+
+@cuda
+def test_checkpoint_copies_from_the_gpu_are_the_values_at_save_time(tmp_path):
+    weights = torch.randn(64, 1024, 1024, device="cuda")  # 256 MiB: the copy takes a while
+    expected = weights.cpu()
+    writer = CheckpointWriter()
+    writer.save({"model": {"w": weights}}, [tmp_path / "a.pth"])
+    weights.mul_(0.0)  # queued after the copy on the same stream: must not reach the file
+    writer.close()
+    saved = torch.load(tmp_path / "a.pth", weights_only=True)["model"]["w"]
+    assert torch.equal(saved, expected)
