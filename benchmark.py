@@ -675,6 +675,8 @@ def e2e_section(args: argparse.Namespace, device: torch.device, dtype: torch.dty
                          "val_acc": result["val_acc"], "ok": result["ok"],
                          "train_img_s": result.get("train_img_s"),
                          **({"argv": result["argv"]} if "argv" in result else {})})
+            # Each result as it comes: a run cut short by a time limit keeps the earlier ones.
+            print(f"  {mode}: {name}: {result['seconds']:.1f} s", flush=True)
     for row in rows:
         reference = next((r for r in rows if r["mode"] == row["mode"]
                           and r["pipeline"].startswith("reference")), None)
