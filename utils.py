@@ -9,6 +9,7 @@ import pickle
 import random
 import sys
 import time
+import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -287,7 +288,13 @@ class CudaGraphModel(nn.Module):
         try:
             # Autocast's weight cache would keep casts from the capture alive across replays.
             with torch.autocast(images.device.type, dtype=self.amp_dtype or torch.float32,
-                                enabled=self.amp_dtype is not None, cache_enabled=False):
+                                enabled=self.amp_dtype is not None, cache_enabled=False), \
+                    warnings.catch_warnings():
+                # make_graphed_callables warms up and captures on a stream of its own; torch
+                # >= 2.10 warns there that gradients cross streams and that cuBLAS found no
+                # context on the backward thread. Both are expected and harmless here.
+                for message in ("The AccumulateGrad node's stream", "Attempting to run cuBLAS"):
+                    warnings.filterwarnings("ignore", category=UserWarning, message=message)
                 self.graphed = self.capture(forward, (sample,))
             self.batch_shape = images.shape
         except Exception as err:  # a model or torch build the graphs cannot take
