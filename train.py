@@ -473,7 +473,7 @@ def train(args: argparse.Namespace) -> int:
     train_runner = runner
     if use_cuda_graphs(args, device, dist_info, log):
         train_runner = CudaGraphModel(runner, amp_dtype, args.accum_steps > 1, log=log)
-        log("CUDA graphs: full training batches replay one captured forward and backward.")
+        log("CUDA graphs: training steps replay one captured forward and backward.")
     settings = StepSettings(amp_dtype, scaler, args.accum_steps, args.clip_grad,
                             args.label_smoothing)
     features_cache = {} if args.freeze_layers and args.cache_val_features else None

@@ -148,7 +148,7 @@ def test_train_py_captures_on_cuda(demo_flowers, tmp_path, capsys):
         "--weights", "", "--no-freeze-layers", "--epochs", "2", "--device", "cuda",
         "--output-dir", str(tmp_path / "weights"), "--log-dir", str(tmp_path / "runs")]) == 0
     out = capsys.readouterr().out
-    assert "CUDA graphs: full training batches replay" in out
+    assert "CUDA graphs: training steps replay" in out
     assert "could not be captured" not in out
     checkpoint = torch.load(tmp_path / "weights" / "model-1.pth", weights_only=True)
     assert checkpoint["samples"] == {"train": 50, "val": 10}
