@@ -18,7 +18,14 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import train
-from utils import CheckpointWriter, CudaGraphModel, StepSettings, evaluate, train_one_epoch
+from utils import (
+    CheckpointWriter,
+    CudaGraphModel,
+    Distributed,
+    StepSettings,
+    evaluate,
+    train_one_epoch,
+)
 from vit_model import VisionTransformer
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -116,6 +123,25 @@ def test_train_py_says_why_cuda_graphs_are_off_on_the_cpu(demo_flowers, tmp_path
         "--log-dir", str(tmp_path / "runs")]) == 0
     assert "note: --cuda-graphs is off: they need a CUDA device" in capsys.readouterr().out
     assert (tmp_path / "weights" / "model-0.pth").is_file()
+
+
+@pytest.mark.parametrize(("flags", "device", "world_size", "expected", "note"), [
+    ([], "cuda", 1, True, None),                      # the default on one GPU
+    (["--no-cuda-graphs"], "cuda", 1, False, None),
+    ([], "cuda", 2, False, None),                     # torchrun: quietly off
+    (["--cuda-graphs"], "cuda", 2, False, "DistributedDataParallel"),
+    (["--compile"], "cuda", 1, False, None),
+    (["--cuda-graphs", "--compile"], "cuda", 1, False, "--compile is on"),
+    ([], "cpu", 1, False, None),
+    (["--cuda-graphs"], "cpu", 1, False, "need a CUDA device"),
+])
+def test_when_train_py_uses_cuda_graphs(flags, device, world_size, expected, note):
+    args = train.get_args_parser().parse_args(flags)
+    notes = []
+    used = train.use_cuda_graphs(args, torch.device(device), Distributed(world_size=world_size),
+                                 notes.append)
+    assert used is expected
+    assert (notes == []) if note is None else (len(notes) == 1 and note in notes[0])
 
 
 @cuda
