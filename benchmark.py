@@ -642,7 +642,8 @@ def e2e_section(args: argparse.Namespace, device: torch.device, dtype: torch.dty
         have_timm = False
     else:
         have_timm = True
-    variants = [tuple(v.split()) for v in args.e2e_variants.split(";") if v.strip()]
+    # The plain train.py run first, then one per --e2e-variants flag set.
+    variants = [()] + [tuple(v.split()) for v in args.e2e_variants.split(";") if v.strip()]
     rows = []
     for frozen in [m == "frozen" for m in args.e2e_modes.split(",") if m.strip()]:
         mode = "frozen" if frozen else "unfrozen"
@@ -650,10 +651,8 @@ def e2e_section(args: argparse.Namespace, device: torch.device, dtype: torch.dty
         if have_timm:
             runs.append(("reference: ImageFolder + timm",
                          lambda f=frozen: run_loop(args, device, dtype, root, f, "reference")))
-        runs.append(("train.py", lambda f=frozen: run_train_py(args, device, root, f, log,
-                                                               notes)))
         for variant in variants:
-            runs.append((f"train.py {' '.join(variant)}",
+            runs.append((" ".join(("train.py", *variant)),
                          lambda f=frozen, v=variant: run_train_py(args, device, root, f, log,
                                                                   notes, v)))
         if args.e2e_projection:

@@ -248,7 +248,7 @@ class _Forward(nn.Module):
 
 
 class CudaGraphModel(nn.Module):
-    """Runs training batches of one fixed shape as replayed CUDA graphs.
+    """Runs training steps as replayed CUDA graphs of one captured batch shape.
 
     At small batches an eager ViT-B/16 step is bound by launching its ~830 kernels from
     Python, not by the GPU (BENCHMARKS.md: 24.8 ms eager, 14.3 ms replayed at batch 32).
