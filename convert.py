@@ -22,7 +22,9 @@ from pathlib import Path
 
 from utils import save_checkpoint
 from vit_model import VisionTransformer, create_model
-from weights import Weights, WeightsError, check_fits, describe_architecture, read_weights
+from cli import run_main
+from errors import WeightsError
+from weights import Weights, check_fits, describe_architecture, read_weights
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -55,24 +57,19 @@ def build_matching_model(weights: Weights, model_name: str) -> VisionTransformer
         raise WeightsError(str(err)) from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        weights = read_weights(args.src)
-        state_dict = weights.state_dict
-        if args.model_name:
-            model = build_matching_model(weights, args.model_name)
-            check_fits(state_dict, model.state_dict())
-            model.load_state_dict(state_dict, strict=True)
-            output = {"model": state_dict, "model_args": model.model_args,
-                      "model_name": args.model_name, "class_names": weights.class_names,
-                      "source_format": weights.format}
-        else:
-            output = state_dict
-        save_checkpoint(output, Path(args.dst))
-    except WeightsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def run(args: argparse.Namespace) -> int:
+    weights = read_weights(args.src)
+    state_dict = weights.state_dict
+    if args.model_name:
+        model = build_matching_model(weights, args.model_name)
+        check_fits(state_dict, model.state_dict())
+        model.load_state_dict(state_dict, strict=True)
+        output = {"model": state_dict, "model_args": model.model_args,
+                  "model_name": args.model_name, "class_names": weights.class_names,
+                  "source_format": weights.format}
+    else:
+        output = state_dict
+    save_checkpoint(output, Path(args.dst))
     fits = f"; loads into {args.model_name} with strict=True" if args.model_name else ""
     print(f"Wrote {args.dst}: {len(state_dict)} tensors from {weights.format}, "
           f"{describe_architecture(state_dict)}{fits}.")
@@ -82,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
               f"dict does not record; build the model with it, or convert with --model-name to "
               f"store it.", file=sys.stderr)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(run, get_args_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

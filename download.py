@@ -31,6 +31,9 @@ from typing import BinaryIO, NamedTuple
 
 from tqdm import tqdm
 
+from cli import run_main
+from errors import DownloadError
+
 FLOWERS_URL = (
     "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
 )
@@ -71,10 +74,6 @@ _HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,})\.")
 # the explicit member check in safe_extract_tar does not rely on it.
 _TAR_FILTER: str | None = "data" if hasattr(tarfile, "data_filter") else None
 _TAR_FILTER_ERRORS = (tarfile.FilterError,) if hasattr(tarfile, "FilterError") else ()
-
-
-class DownloadError(Exception):
-    """A download, verification or extraction failed; the message says what to do."""
 
 
 def _fetch(url: str, out: BinaryIO, progress: bool, desc: str) -> tuple[int, int | None, str]:
@@ -381,30 +380,29 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     progress = sys.stderr.isatty()  # keep logs free of progress-bar redraws
-    try:
-        if args.command == "flowers":
-            existed = (args.dest / "flower_photos").exists()
-            root = download_flowers(args.dest, args.url, progress=progress)
-            counts = check_flowers(root)
-            state = "already present" if existed else "ready"
-            print(
-                f"flower_photos {state} at {root}: {sum(counts.values())} images in "
-                f"{len(counts)} classes."
-            )
-        else:
-            dst = weights_path(args.format, args.output)
-            existed = dst.exists()
-            path = download_weights(args.format, dst, args.url, progress=progress)
-            state = "already present" if existed else "saved"
-            size_mb = path.stat().st_size / 2**20
-            print(f"ViT-B/16 in21k weights ({args.format}) {state} at {path} ({size_mb:.1f} MiB).")
-    except DownloadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.command == "flowers":
+        existed = (args.dest / "flower_photos").exists()
+        root = download_flowers(args.dest, args.url, progress=progress)
+        counts = check_flowers(root)
+        state = "already present" if existed else "ready"
+        print(
+            f"flower_photos {state} at {root}: {sum(counts.values())} images in "
+            f"{len(counts)} classes."
+        )
+    else:
+        dst = weights_path(args.format, args.output)
+        existed = dst.exists()
+        path = download_weights(args.format, dst, args.url, progress=progress)
+        state = "already present" if existed else "saved"
+        size_mb = path.stat().st_size / 2**20
+        print(f"ViT-B/16 in21k weights ({args.format}) {state} at {path} ({size_mb:.1f} MiB).")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(run, get_args_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

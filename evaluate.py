@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 
 from predict import load_classifier, predict_probs, resolve_weights
-from utils import UserError, peek_checkpoint, read_split_data, select_device
+from cli import add_device_flag, add_weights_flags, run_main
+from errors import UserError
+from utils import peek_checkpoint, read_split_data, select_device
 from visualize import (
     confusion_matrix,
     per_class_metrics,
@@ -35,8 +37,6 @@ from visualize import (
     plot_confusion_matrix,
     save_figure,
 )
-from vit_model import list_models
-from weights import WeightsError
 
 TRAIN_DEFAULTS = {"data_path": "./flower_photos", "seed": 0, "val_rate": 0.2}
 
@@ -44,9 +44,7 @@ TRAIN_DEFAULTS = {"data_path": "./flower_photos", "seed": 0, "val_rate": 0.2}
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Evaluate a checkpoint: accuracy, per-class metrics, confusion matrix.")
-    parser.add_argument("--weights", default=None,
-                        help="checkpoint (default: best.pth in ./weights, else the newest "
-                             "model-*.pth there)")
+    add_weights_flags(parser)
     parser.add_argument("--data-path", default=None,
                         help="folder with one sub-folder per class (default: the one the "
                              "checkpoint was trained on)")
@@ -60,13 +58,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=None,
                         help="image-loading processes (default: up to 4)")
-    parser.add_argument("--device", default="cuda:0",
-                        help="cuda:N, cpu or mps; falls back to the CPU when CUDA is absent")
-    parser.add_argument("--class-indices", default=None,
-                        help="class_indices.json, for weights that do not name their classes")
-    parser.add_argument("--model-name", default="vit_base_patch16_224_in21k",
-                        choices=list_models(), metavar="NAME",
-                        help="architecture, for weights that do not name it")
+    add_device_flag(parser)
     return parser
 
 
@@ -222,12 +214,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (UserError, WeightsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_main(run, get_args_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

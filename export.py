@@ -30,9 +30,9 @@ from torch import nn
 
 from my_dataset import MEAN, STD
 from predict import load_classifier, resolve_weights
-from utils import UserError
-from vit_model import VisionTransformer, list_models
-from weights import WeightsError
+from cli import add_weights_flags, run_main
+from errors import UserError
+from vit_model import VisionTransformer
 
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 TRACE_BATCH = 2  # the parity batch differs from it, which shows the batch size stays free
@@ -40,20 +40,13 @@ TRACE_BATCH = 2  # the parity batch differs from it, which shows the batch size 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Export a checkpoint to TorchScript or ONNX.")
-    parser.add_argument("--weights", default=None,
-                        help="checkpoint (default: best.pth in ./weights, else the newest "
-                             "model-*.pth there)")
+    add_weights_flags(parser)
     parser.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript")
     parser.add_argument("--output", required=True, help="file to write (.pt, .onnx)")
     parser.add_argument("--tolerance", type=float, default=1e-3,
                         help="largest absolute logit difference the parity check accepts")
     parser.add_argument("--check-batch", type=int, default=3,
                         help="images in the random parity-check batch")
-    parser.add_argument("--class-indices", default=None,
-                        help="class_indices.json, for weights that do not name their classes")
-    parser.add_argument("--model-name", default="vit_base_patch16_224_in21k",
-                        choices=list_models(), metavar="NAME",
-                        help="architecture, for weights that do not name it")
     return parser
 
 
@@ -151,12 +144,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (UserError, WeightsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_main(run, get_args_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

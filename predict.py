@@ -27,9 +27,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from my_dataset import MEAN, STD, MyDataSet, build_transforms, check_image, is_image_file, open_rgb
-from utils import UserError, find_checkpoint, read_class_indices, select_device
+from cli import add_device_flag, add_weights_flags, run_main
+from errors import UserError
+from utils import find_checkpoint, read_class_indices, select_device
 from vit_model import VisionTransformer, create_model, list_models
-from weights import WeightsError, head_is_zero, read_weights
+from weights import head_is_zero, read_weights
 
 MAX_GRID = 64  # images in one --save-fig grid; beyond that the pictures become stamps
 FIGURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
@@ -40,17 +42,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="Predict the class of images: files and folders (searched recursively).")
     parser.add_argument("images", nargs="+", metavar="IMAGE",
                         help="image files and folders of images")
-    parser.add_argument("--weights", default=None,
-                        help="checkpoint (default: best.pth in ./weights, else the newest "
-                             "model-*.pth there)")
-    parser.add_argument("--class-indices", default=None,
-                        help="class_indices.json, needed only for weights that do not name "
-                             "their classes (default: beside the weights, else ./)")
-    parser.add_argument("--model-name", default="vit_base_patch16_224_in21k",
-                        choices=list_models(), metavar="NAME",
-                        help="architecture, for weights that do not name it")
-    parser.add_argument("--device", default="cuda:0",
-                        help="cuda:N, cpu or mps; falls back to the CPU when CUDA is absent")
+    add_weights_flags(parser)
+    add_device_flag(parser)
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     parser.add_argument("--workers", type=int, default=None,
                         help="image-loading processes (default: 0 for one batch, else up to 4)")
@@ -342,12 +335,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (UserError, WeightsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_main(run, get_args_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

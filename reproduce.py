@@ -32,7 +32,9 @@ from pathlib import Path
 
 import train
 from demo_data import make_demo_flowers
-from utils import UserError, peek_checkpoint
+from cli import run_main
+from errors import ProjectError, UserError
+from utils import peek_checkpoint
 
 
 @dataclass(frozen=True)
@@ -132,10 +134,12 @@ def train_once(label: str, argv: list[str]) -> Path:
     return weights_dir
 
 
-class RunFailed(Exception):
+class RunFailed(ProjectError):
+    """One of the runs failed: reproduce.py exits with train.py's status."""
+
     def __init__(self, message: str, rc: int) -> None:
         super().__init__(message)
-        self.rc = rc
+        self.exit_code = rc
 
 
 @dataclass
@@ -253,14 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     ours, extra = split_argv(argv)
     args = get_args_parser().parse_args(ours)
     command = "python reproduce.py " + " ".join(argv)
-    try:
-        return run_all(args, extra, command.strip())
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except RunFailed as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.rc
+    return run_main(lambda parsed: run_all(parsed, extra, command.strip()), args)
 
 
 if __name__ == "__main__":

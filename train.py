@@ -21,17 +21,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from demo_data import make_demo_flowers
-from download import DownloadError
+from errors import UserError
+from cli import run_main
 from my_dataset import MyDataSet, build_transforms
 from utils import (
     CheckpointWriter,
     CudaGraphModel,
     Distributed,
-    NonFiniteLossError,
     ShardSampler,
     Split,
     StepSettings,
-    UserError,
     epoch_checkpoints,
     evaluate,
     init_distributed,
@@ -45,7 +44,7 @@ from utils import (
 )
 from visualize import plot_confusion_matrix
 from vit_model import VisionTransformer, create_model, list_models
-from weights import WeightsError, fit_state_dict, read_weights
+from weights import fit_state_dict, read_weights
 
 DEFAULT_WEIGHTS = "./vit_base_patch16_224_in21k.pth"
 DEMO_DATA = Path("demo_data") / "flower_photos"
@@ -551,22 +550,15 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    if args.demo:
+        apply_demo_settings(args, given_options(argv))
+    return train(args)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    try:
-        if args.demo:
-            apply_demo_settings(args, given_options(argv))
-        return train(args)
-    except (UserError, WeightsError, DownloadError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # before the first epoch: nothing to save yet
-        print("\nInterrupted before training started; nothing was written.", file=sys.stderr)
-        return 130
+    args = get_args_parser().parse_args(argv)
+    return run_main(functools.partial(run, argv=argv), args)
 
 
 if __name__ == "__main__":

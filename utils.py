@@ -19,17 +19,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from errors import NonFiniteLossError, UserError
 from my_dataset import check_image, is_image_file
 
 IMG_SUFFIX_HINT = (".jpg", ".jpeg", ".png")
-
-
-class UserError(Exception):
-    """Bad input from the user: the scripts print it as one line and exit with status 2."""
-
-
-class NonFiniteLossError(Exception):
-    """The loss became NaN or infinite; training stops and the last good checkpoint stays."""
 
 
 @dataclass

@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from errors import WeightsError
+
 # Prefixes that wrappers add to every key: DataParallel / DDP, torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # Keys under which training scripts nest the state dict, in order of preference.
@@ -47,10 +49,6 @@ _NESTED_KEYS = ("model", "state_dict", "model_state_dict", "model_ema", "state_d
                 "module", "net")
 # Hugging Face's ViTConfig default; every google/vit-* config states it too.
 _HF_LAYER_NORM_EPS = 1e-12
-
-
-class WeightsError(Exception):
-    """A weights file that cannot be read or does not fit the model."""
 
 
 @dataclass

@@ -1,0 +1,47 @@
+"""What every command-line script shares: the one error path and the common flags."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from errors import ProjectError
+
+DEFAULT_MODEL = "vit_base_patch16_224_in21k"
+
+
+def run_main(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Call run(args); a ProjectError becomes one ``error:`` line on stderr and its exit code,
+    Ctrl-C exit 130 without a traceback."""
+    try:
+        return run(args)
+    except ProjectError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("\nInterrupted.", file=sys.stderr)
+        return 130
+
+
+def add_device_flag(parser: argparse.ArgumentParser, default: str = "cuda:0") -> None:
+    parser.add_argument("--device", default=default,
+                        help="cuda:N, cpu or mps (default: %(default)s; the CPU when CUDA is "
+                             "absent)")
+
+
+def add_weights_flags(parser: argparse.ArgumentParser) -> None:
+    """--weights, --class-indices and --model-name, for the scripts that read a trained model."""
+    from vit_model import list_models
+
+    parser.add_argument("--weights", default=None,
+                        help="checkpoint, or any weights file or Hugging Face folder that "
+                             "weights.py reads (default: best.pth in ./weights, else the "
+                             "newest model-*.pth there)")
+    parser.add_argument("--class-indices", default=None,
+                        help="class_indices.json, needed only for weights that do not name "
+                             "their classes (default: beside the weights, else ./)")
+    parser.add_argument("--model-name", default=DEFAULT_MODEL, choices=list_models(),
+                        metavar="NAME",
+                        help="architecture, for weights that do not name it (default: "
+                             "%(default)s)")
