@@ -20,10 +20,10 @@ import math
 import sys
 from pathlib import Path
 
-from utils import save_checkpoint
-from vit_model import VisionTransformer, create_model
 from cli import run_main
 from errors import WeightsError
+from utils import save_checkpoint
+from vit_model import VisionTransformer, create_model
 from weights import Weights, check_fits, describe_architecture, read_weights
 
 

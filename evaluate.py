@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from predict import load_classifier, predict_probs, resolve_weights
 from cli import add_device_flag, add_weights_flags, run_main
 from errors import UserError
+from predict import load_classifier, predict_probs, resolve_weights
 from utils import peek_checkpoint, read_split_data, select_device
 from visualize import (
     confusion_matrix,

@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from my_dataset import MEAN, STD
-from predict import load_classifier, resolve_weights
 from cli import add_weights_flags, run_main
 from errors import UserError
+from my_dataset import MEAN, STD
+from predict import load_classifier, resolve_weights
 from vit_model import VisionTransformer
 
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")

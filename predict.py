@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from my_dataset import MEAN, STD, MyDataSet, build_transforms, check_image, is_image_file, open_rgb
 from cli import add_device_flag, add_weights_flags, run_main
 from errors import UserError
+from my_dataset import MEAN, STD, MyDataSet, build_transforms, check_image, is_image_file, open_rgb
 from utils import find_checkpoint, read_class_indices, select_device
-from vit_model import VisionTransformer, create_model, list_models
+from vit_model import VisionTransformer, create_model
 from weights import head_is_zero, read_weights
 
 MAX_GRID = 64  # images in one --save-fig grid; beyond that the pictures become stamps

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import train
-from demo_data import make_demo_flowers
 from cli import run_main
+from demo_data import make_demo_flowers
 from errors import ProjectError, UserError
 from utils import peek_checkpoint
 

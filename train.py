@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from cli import run_main
 from demo_data import make_demo_flowers
 from errors import UserError
-from cli import run_main
 from my_dataset import MyDataSet, build_transforms
 from utils import (
     CheckpointWriter,
