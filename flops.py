@@ -92,8 +92,8 @@ def build_on_meta(model_name: str, **overrides) -> VisionTransformer:
 
 
 def stages(depth: int) -> list[tuple[str, list[str]]]:
-    """(label, module or parameter names) of each stage; every parameter is in one of them
-    save the 'all blocks' rows, which repeat the 'block 0' ones for every block."""
+    """(label, module or parameter names) of each stage. The 'one block' rows are block 0;
+    the 'all blocks' rows sum every block, so the rows other than those add up to the total."""
     every = range(depth)
     return [
         ("patch embedding (+ class token, positions)", ["patch_embed", "cls_token", "pos_embed"]),
