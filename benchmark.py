@@ -49,12 +49,11 @@ from PIL import Image
 from torch import nn
 
 from demo_data import draw_image
+from download import FLOWER_CLASS_COUNTS
 from my_dataset import MyDataSet, build_transforms
 from utils import epoch_checkpoints, peek_checkpoint, read_split_data
 from vit_model import create_model, list_models
 
-# flower_photos' class folders and their image counts (REFERENCE.md).
-FLOWER_COUNTS = {"daisy": 633, "dandelion": 898, "roses": 641, "sunflowers": 699, "tulips": 799}
 STANDIN_SIZE = (500, 375)  # width, height: flower_photos' most common size
 # Quality 75 with this noise gives ~24 KiB files, as flower_photos' average.
 STANDIN_QUALITY = 75
@@ -87,8 +86,9 @@ def hash_name(name: str) -> int:
 
 
 def standin_counts(scale: float) -> dict[str, int]:
+    """flower_photos' class folders, each with its image count scaled by `scale`."""
     # At least 5 per class, so that the 20% validation split keeps one of each.
-    return {name: max(5, round(count * scale)) for name, count in FLOWER_COUNTS.items()}
+    return {name: max(5, round(count * scale)) for name, count in FLOWER_CLASS_COUNTS.items()}
 
 
 def make_standin(root: str | Path, scale: float = 1.0, seed: int = 0,

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from demo_data import make_demo_flowers
+from download import WEIGHTS_FILE
 from errors import UserError
 from cli import run_main
 from my_dataset import MyDataSet, build_transforms
@@ -46,7 +47,7 @@ from visualize import plot_confusion_matrix
 from vit_model import VisionTransformer, create_model, list_models
 from weights import fit_state_dict, read_weights
 
-DEFAULT_WEIGHTS = "./vit_base_patch16_224_in21k.pth"
+DEFAULT_WEIGHTS = f"./{WEIGHTS_FILE}"
 DEMO_DATA = Path("demo_data") / "flower_photos"
 # What --demo changes, unless the flag is given: a model and schedule that learn the
 # synthetic flowers from scratch in about a minute on two CPU cores.
@@ -428,7 +429,7 @@ def train(args: argparse.Namespace) -> int:
     else:
         model = build_model(args, num_classes, log)
     model.to(device)
-    img_size = model.patch_embed.img_size
+    img_size = model.image_size
     workers = default_workers(dist_info) if args.workers is None else args.workers
     log(f"Using {workers} dataloader workers every process")
     train_loader, val_loader = build_dataloaders(split, args, img_size, workers, device,
