@@ -202,17 +202,18 @@ def build_dataloaders(split: Split, args: argparse.Namespace, img_size: int, wor
         log("note: --no-augment uses the CPU DataLoader; --device-data is off.")
         use_device_data = False
     if use_device_data:
-        from device_data import DeviceImageLoader, DeviceMemoryError
+        from device_data import DeviceEvalLoader, DeviceMemoryError, DeviceTrainLoader
 
-        common = dict(img_size=img_size, device=device, seed=args.seed, rank=dist_info.rank,
+        common = dict(img_size=img_size, device=device, rank=dist_info.rank,
                       world_size=dist_info.world_size, workers=workers or None)
         try:
             loaders = (
-                DeviceImageLoader(split.train_images, split.train_labels, train=True,
-                                  batch_size=args.batch_size, **common),
-                DeviceImageLoader(split.val_images, split.val_labels, train=False,
-                                  batch_size=args.val_batch_size or 2 * args.batch_size,
-                                  **common))
+                DeviceTrainLoader.from_files(split.train_images, split.train_labels,
+                                             seed=args.seed, batch_size=args.batch_size,
+                                             **common),
+                DeviceEvalLoader.from_files(split.val_images, split.val_labels,
+                                            batch_size=args.val_batch_size or 2 * args.batch_size,
+                                            **common))
             log(f"Images decoded once and kept on {device}.")
             return loaders
         except DeviceMemoryError as err:
