@@ -11,7 +11,7 @@ Sections:
          inference (inference_mode) images/s of this project's model, timm's and
          torchvision's at the same configuration, batch and dtype; ratios against timm eager.
   data   images/s of one training epoch through my_dataset.MyDataSet in a DataLoader,
-         torchvision's ImageFolder with the same transforms, and device_data.DeviceImageLoader
+         torchvision's ImageFolder with the same transforms, and device_data.DeviceTrainLoader
          (decoding once, then epochs on the device), over a generated stand-in folder.
   e2e    wall-clock seconds of whole training runs on the stand-in: the reference pipeline
          (ImageFolder + timm ViT, the report's transforms, batch 32, bf16 on CUDA, SGD as the
@@ -49,12 +49,11 @@ from PIL import Image
 from torch import nn
 
 from demo_data import draw_image
+from download import FLOWER_CLASS_COUNTS
 from my_dataset import MyDataSet, build_transforms
 from utils import epoch_checkpoints, peek_checkpoint, read_split_data
 from vit_model import create_model, list_models
 
-# flower_photos' class folders and their image counts (REFERENCE.md).
-FLOWER_COUNTS = {"daisy": 633, "dandelion": 898, "roses": 641, "sunflowers": 699, "tulips": 799}
 STANDIN_SIZE = (500, 375)  # width, height: flower_photos' most common size
 # Quality 75 with this noise gives ~24 KiB files, as flower_photos' average.
 STANDIN_QUALITY = 75
@@ -87,8 +86,9 @@ def hash_name(name: str) -> int:
 
 
 def standin_counts(scale: float) -> dict[str, int]:
+    """flower_photos' class folders, each with its image count scaled by `scale`."""
     # At least 5 per class, so that the 20% validation split keeps one of each.
-    return {name: max(5, round(count * scale)) for name, count in FLOWER_COUNTS.items()}
+    return {name: max(5, round(count * scale)) for name, count in FLOWER_CLASS_COUNTS.items()}
 
 
 def make_standin(root: str | Path, scale: float = 1.0, seed: int = 0,
@@ -431,7 +431,7 @@ def _epoch(loader, device: torch.device) -> tuple[float, int]:
 
 
 def data_section(args: argparse.Namespace, device: torch.device, root: Path) -> list[dict]:
-    from device_data import DeviceImageLoader
+    from device_data import DeviceTrainLoader
 
     split = read_split_data(root, verify=False)
     size = args.img_size
@@ -455,9 +455,9 @@ def data_section(args: argparse.Namespace, device: torch.device, root: Path) -> 
         del loader
 
     start = time.perf_counter()
-    device_loader = DeviceImageLoader(split.train_images, split.train_labels, img_size=size,
-                                      batch_size=args.e2e_batch_size, train=True,
-                                      device=device)
+    device_loader = DeviceTrainLoader.from_files(split.train_images, split.train_labels,
+                                                 img_size=size, batch_size=args.e2e_batch_size,
+                                                 device=device)
     sync(device)
     decode_s = time.perf_counter() - start
     count = device_loader.num_samples
@@ -505,7 +505,7 @@ def run_loop(args: argparse.Namespace, device: torch.device, dtype: torch.dtype 
     """A whole training run outside train.py; wall-clock seconds from split to last epoch.
 
     pipeline "reference": ImageFolder + DataLoader + timm, as the peers measured.
-    pipeline "projection": DeviceImageLoader + this project's model in the same loop: what
+    pipeline "projection": device_data's loaders + this project's model in the same loop: what
     train.py with the device pipeline and autocast can reach.
     """
     start = time.perf_counter()
@@ -521,15 +521,14 @@ def run_loop(args: argparse.Namespace, device: torch.device, dtype: torch.dtype 
                                                  build_transforms(size, False)),
                              args, device, shuffle=False)
     else:
-        from device_data import DeviceImageLoader
+        from device_data import DeviceEvalLoader, DeviceTrainLoader
 
         model = create_model(args.e2e_model, num_classes=num_classes)
         size = _input_size(model)
         common = dict(img_size=size, batch_size=args.e2e_batch_size, device=device)
-        train_loader = DeviceImageLoader(split.train_images, split.train_labels, train=True,
-                                         **common)
-        val_loader = DeviceImageLoader(split.val_images, split.val_labels, train=False,
-                                       **common)
+        train_loader = DeviceTrainLoader.from_files(split.train_images, split.train_labels,
+                                                    **common)
+        val_loader = DeviceEvalLoader.from_files(split.val_images, split.val_labels, **common)
     model.to(device)
     head = "head."
     for name, param in model.named_parameters():
@@ -739,7 +738,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="';'-separated sets of extra train.py flags, one more train.py "
                              "run each; give it with '=': --e2e-variants='--no-cuda-graphs'")
     parser.add_argument("--e2e-projection", action="store_true",
-                        help="also run DeviceImageLoader + our model in the benchmark's loop")
+                        help="also run device_data's loaders + our model in the benchmark's loop")
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
                         help="DataLoader workers of --data and --e2e")
     parser.add_argument("--standin", default=None,

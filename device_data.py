@@ -2,22 +2,22 @@
 
 The PIL pipeline (my_dataset.MyDataSet in a DataLoader) decodes every JPEG again in every
 epoch on the CPU; on a fast GPU a frozen-backbone ViT-B/16 epoch is then bound by JPEG
-decoding (REFERENCE.md, "Throughput of the peers"). DeviceImageLoader instead
+decoding rather than by the model (BENCHMARKS.md has the numbers). Here instead
 
-1. reads every file's bytes once and decodes the JPEGs in batches with
+1. DecodedImages reads every file's bytes once and decodes the JPEGs in batches with
    ``torchvision.io.decode_jpeg(..., device=...)`` (nvJPEG on CUDA; libjpeg-turbo in a
    thread pool on the CPU); files decode_jpeg does not take (PNG, CMYK JPEGs, ...) go
-   through my_dataset.open_rgb, so every image becomes 8-bit RGB as in MyDataSet;
-2. keeps the decoded images as (3, H, W) uint8 tensors on the device (about 2 GB for the
-   3670 flower_photos images);
-3. for evaluation, computes the report's Resize(round(S*256/224)) + CenterCrop(S) once and
-   serves slices of one (N, 3, S, S) uint8 tensor;
-4. for training, draws RandomResizedCrop (scale (0.08, 1), ratio (3/4, 4/3)) and
+   through my_dataset.open_rgb, so every image becomes 8-bit RGB as in MyDataSet. It keeps
+   them as uint8 tensors on the device: whole, (3, H, W), for training (about 2 GB for the
+   3670 flower_photos images); for evaluation only my_dataset's evaluation view,
+   Resize(eval_resize_size(S)) + CenterCrop(S), computed once;
+2. DeviceTrainLoader draws RandomResizedCrop (scale (0.08, 1), ratio (3/4, 4/3)) and
    RandomHorizontalFlip(0.5) per image and epoch from a seeded CPU generator, then crops
-   and resizes each image on the device.
+   and resizes each image on the device;
+3. DeviceEvalLoader serves the evaluation crops in file order.
 
-Batches are (images (B, 3, S, S) float32 in [-1, 1], labels (B,) int64), both already on
-the device, normalised with mean = std = 0.5 as build_transforms does.
+Batches are (images (B, 3, S, S) float32, labels (B,) int64), both already on the device,
+normalised with my_dataset's MEAN and STD as build_transforms does.
 
 Differences from the PIL pipeline (measured in tests/test_device_data.py):
 - Resizing is torch's bilinear interpolation with antialias=True, the same triangle filter
@@ -25,9 +25,8 @@ Differences from the PIL pipeline (measured in tests/test_device_data.py):
   runs in float32 (eval images are rounded once to uint8, training crops not at all). On the
   CPU, outputs differ from the PIL pipeline's by at most one grey level (tests measure it).
 - On CUDA, nvJPEG decodes: its IDCT and chroma upsampling differ from libjpeg-turbo's (which
-  PIL and the CPU path use). Measured on an H200 (torchvision 0.26) on noisy 500x375 JPEGs:
-  outputs differ from the CPU path's by 0.2-0.4 grey levels on average and by up to 10 at
-  single pixels; files PIL decodes on both paths (PNG, CMYK) by at most one.
+  PIL and the CPU path use), by a fraction of a grey level on average and by several at
+  single pixels (BENCHMARKS.md, "device_data on CUDA vs the CPU path").
 - The crop parameters follow torchvision's RandomResizedCrop.get_params (up to 10 tries,
   then the central fallback) and the same distributions, drawn from our own generator: the
   same seed does not give the same crops as the PIL pipeline, but the same seed and epoch
@@ -52,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from my_dataset import open_rgb, to_rgb
+from my_dataset import MEAN, STD, eval_resize_shape, open_rgb, to_rgb
 
 # Fractions of memory the decoded images may take: on CUDA of what is free now (the model,
 # its gradients and activations need the rest); on the CPU of the physical RAM.
@@ -136,14 +135,6 @@ def memory_limit(device: torch.device) -> int:
         return int(free * CUDA_MEMORY_FRACTION)
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return int(total * CPU_MEMORY_FRACTION)
-
-
-def eval_resize_size(height: int, width: int, img_size: int) -> tuple[int, int]:
-    """(h, w) after the report's Resize(round(S*256/224)) of the shorter side, as torchvision."""
-    short_target = int(round(img_size * 256 / 224))
-    short, long = (width, height) if width <= height else (height, width)
-    new_short, new_long = short_target, int(short_target * long / short)
-    return (new_long, new_short) if width <= height else (new_short, new_long)
 
 
 def crop_params(heights: torch.Tensor, widths: torch.Tensor, generator: torch.Generator,
@@ -261,164 +252,247 @@ def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return x[0]
 
 
-class DeviceImageLoader:
-    """Batches of decoded, augmented images that never leave the device.
+class Normalise:
+    """[0, 255] floats -> ToTensor's /255, then Normalize(MEAN, STD), in place.
 
-    A drop-in for a DataLoader in utils.train_one_epoch / evaluate: iterate it for
-    (images, labels) batches; len() is the number of batches.
+    (x / 255 - mean) / std is (x - 255 mean) / (255 std): one subtraction and one division
+    per pixel, with my_dataset's MEAN and STD, so both pipelines normalise alike.
+    """
+
+    def __init__(self, device: str | torch.device) -> None:
+        self.shift = 255.0 * torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
+        self.scale = 255.0 * torch.tensor(STD, device=device).view(1, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return images.sub_(self.shift).div_(self.scale)                       # (B, 3, S, S)
+
+
+def eval_crop(image: torch.Tensor, img_size: int) -> torch.Tensor:
+    """my_dataset's evaluation view: Resize(eval_resize_size) + CenterCrop, as uint8 (3, S, S)."""
+    new_h, new_w = eval_resize_shape(image.shape[-2], image.shape[-1], img_size)
+    # The shorter side becomes eval_resize_size(S) >= S, so CenterCrop never has to pad.
+    resized = _resize(image, (new_h, new_w))
+    top = int(round((new_h - img_size) / 2.0))  # CenterCrop's rounding
+    left = int(round((new_w - img_size) / 2.0))
+    crop = resized[:, top:top + img_size, left:left + img_size]
+    return crop.round_().clamp_(0, 255).to(torch.uint8)
+
+
+class DecodedImages:
+    """One split's files read and decoded once, kept on the device: what both loaders share.
+
+    Every file is read once and its size found (from the JPEG header, else through PIL);
+    the memory check runs before anything is decoded. The files are then decoded in chunks
+    of DECODE_CHUNK. Training keeps the whole images, since it crops them afresh every
+    epoch; evaluation (crop_to=S) keeps only each image's eval_crop, all it ever reads.
 
     Args:
         images_path: image files (any format PIL reads; JPEGs take the fast path).
         images_class: their class indices.
-        img_size: side S of the square output.
-        batch_size: images per batch (the last batch may be smaller unless drop_last).
-        train: True: RandomResizedCrop + flip, shuffled each epoch. False: Resize +
-            CenterCrop computed once, fixed order.
-        device: where images are decoded, kept and augmented.
-        seed: seeds the order and augmentation; epoch e uses seed + e.
-        drop_last: drop the last incomplete batch.
+        device: where images are decoded and kept.
+        crop_to: None keeps (3, H, W) images; S keeps their (3, S, S) eval_crop.
+        working_bytes: memory the loader needs beside the images, counted in the check.
         rank, world_size: keep only every world_size-th image, starting at rank (DDP).
         workers: CPU threads decoding on the CPU device (default: all cores).
-        max_bytes: memory the decoded images may take (default: memory_limit(device)).
+        max_bytes: memory the images may take (default: memory_limit(device)).
+
+    Attributes:
+        images: the kept uint8 images, on the device.
+        labels: (N,) int64, on the device.
+        sizes: (N, 2) int64 (H, W) of every file as decoded, on the CPU.
 
     Raises:
-        DeviceMemoryError: the decoded images would exceed max_bytes; nothing was decoded.
+        DeviceMemoryError: the images would exceed max_bytes; nothing was decoded.
     """
 
     def __init__(self, images_path: Sequence[str | Path], images_class: Sequence[int], *,
-                 img_size: int, batch_size: int, train: bool,
-                 device: str | torch.device = "cpu", seed: int = 0, drop_last: bool = False,
-                 rank: int = 0, world_size: int = 1, workers: int | None = None,
-                 max_bytes: int | None = None) -> None:
+                 device: str | torch.device = "cpu", crop_to: int | None = None,
+                 working_bytes: int = 0, rank: int = 0, world_size: int = 1,
+                 workers: int | None = None, max_bytes: int | None = None) -> None:
         if len(images_path) != len(images_class):
             raise ValueError("images_path and images_class differ in length.")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
         self.device = torch.device(device)
-        self.img_size = img_size
-        self.batch_size = batch_size
-        self.train = train
-        self.seed = seed
-        self.drop_last = drop_last
-        self.epoch = 0
+        self.crop_to = crop_to
         paths = [Path(p) for p in images_path][rank::world_size]
         self.labels = torch.as_tensor(list(images_class)[rank::world_size],
                                       dtype=torch.int64).to(self.device)
-        self.num_samples = len(paths)
-        workers = workers or os.cpu_count() or 1
-
         # One thread: from the page cache a file takes ~25 us, and threads only fight over the
         # GIL here (measured slower with 2 to 16). decode_jpeg releases it; it gets threads.
         infos = [_probe(path) for path in paths]
         self.sizes = torch.tensor([(info.height, info.width) for info in infos],
                                   dtype=torch.int64).reshape(-1, 2)           # (N, 2) = (H, W)
-        needed = self.estimate_bytes(self.sizes, img_size, batch_size, train)
+        needed = self.estimate_bytes(self.sizes, crop_to) + working_bytes
         limit = memory_limit(self.device) if max_bytes is None else max_bytes
         if needed > limit:
             raise DeviceMemoryError(
-                f"Keeping {self.num_samples} decoded images on {self.device} needs about "
+                f"Keeping {len(paths)} decoded images on {self.device} needs about "
                 f"{needed / 2**30:.2f} GiB, more than the {limit / 2**30:.2f} GiB allowed; "
                 f"use the CPU DataLoader (--no-device-data) or a smaller data set.")
+        self.images = self._decode(infos, paths, workers or os.cpu_count() or 1)
 
-        self.images: list[torch.Tensor] = []    # train: (3, H, W) uint8 each
-        self.eval_images: torch.Tensor | None = None  # eval: (N, 3, S, S) uint8
-        if not train:
-            self.eval_images = torch.empty((self.num_samples, 3, img_size, img_size),
-                                           dtype=torch.uint8, device=self.device)
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @staticmethod
+    def estimate_bytes(sizes: torch.Tensor, crop_to: int | None) -> int:
+        """Device bytes the images of (H, W) `sizes` need, before decoding any."""
+        if not len(sizes):
+            return 0
+        pixels = 3 * sizes[:, 0] * sizes[:, 1]
+        if crop_to is None:
+            return int(pixels.sum())
+        largest = int(pixels.max())
+        # The stored crops plus one decoded chunk and its float resize at a time.
+        return 3 * crop_to * crop_to * len(sizes) + DECODE_CHUNK * largest + 8 * largest
+
+    def _decode(self, infos: list[_FileInfo], paths: list[Path], workers: int
+                ) -> list[torch.Tensor]:
+        images: list[torch.Tensor] = []
         with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=workers) as pool:
-            # torchvision 0.29 deprecates its decoders in favour of TorchCodec, on every call.
+            # torchvision's decoders warn on every call that TorchCodec replaces them.
             warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
-            for start in range(0, self.num_samples, DECODE_CHUNK):
+            for start in range(0, len(paths), DECODE_CHUNK):
                 chunk = slice(start, start + DECODE_CHUNK)
                 if self.device.type == "cuda":
                     decoded = _decode_on_cuda(infos[chunk], paths[chunk], self.device)
                 else:
-                    decoded = list(pool.map(_decode_on_cpu, infos[chunk], paths[chunk]))
-                    decoded = [image.to(self.device) for image in decoded]
+                    decoded = [image.to(self.device) for image in
+                               pool.map(_decode_on_cpu, infos[chunk], paths[chunk])]
                 for info in infos[chunk]:
                     info.data = bytearray()  # decoded: free the file's bytes
-                if train:
-                    self.images.extend(decoded)
-                else:
-                    for k, image in enumerate(decoded, start=start):
-                        self.eval_images[k] = self._eval_transform(image)
+                if self.crop_to is not None:
+                    decoded = [eval_crop(image, self.crop_to) for image in decoded]
+                images.extend(decoded)
+        return images
 
-    @staticmethod
-    def estimate_bytes(sizes: torch.Tensor, img_size: int, batch_size: int, train: bool) -> int:
-        """Device bytes needed for images of (H, W) `sizes`, before decoding any."""
-        per_output = 3 * img_size * img_size
-        if train:
-            decoded = int((3 * sizes[:, 0] * sizes[:, 1]).sum()) if len(sizes) else 0
-            return decoded + 4 * per_output * batch_size * 3  # float batch and temporaries
-        largest = int((3 * sizes[:, 0] * sizes[:, 1]).max()) if len(sizes) else 0
-        # The stored crops plus one decoded chunk and its float resize at a time.
-        return per_output * len(sizes) + DECODE_CHUNK * largest + 8 * largest
 
-    def _eval_transform(self, image: torch.Tensor) -> torch.Tensor:
-        """Resize(round(S*256/224)) + CenterCrop(S), rounded back to uint8: (3, S, S)."""
-        size = self.img_size
-        height, width = image.shape[-2:]
-        new_h, new_w = eval_resize_size(height, width, size)
-        # The shorter side becomes round(S*256/224) >= S, so CenterCrop never has to pad.
-        resized = _resize(image, (new_h, new_w))
-        top = int(round((new_h - size) / 2.0))
-        left = int(round((new_w - size) / 2.0))
-        crop = resized[:, top:top + size, left:left + size]
-        return crop.round_().clamp_(0, 255).to(torch.uint8)
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
 
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose order and augmentation the next iteration uses."""
-        self.epoch = epoch
+
+class _DeviceBatches:
+    """What both loaders share: batches of (images, labels) on the device, and len()."""
+
+    def __init__(self, images: DecodedImages, batch_size: int, drop_last: bool) -> None:
+        _check_batch_size(batch_size)
+        self.images = images
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.num_samples = len(images)
+        self.normalise = Normalise(images.device)
 
     def __len__(self) -> int:
         if self.drop_last:
             return self.num_samples // self.batch_size
         return math.ceil(self.num_samples / self.batch_size)
 
+
+class DeviceTrainLoader(_DeviceBatches):
+    """Training batches: RandomResizedCrop + flip per image and epoch, shuffled every epoch.
+
+    A drop-in for the training DataLoader in utils.train_one_epoch: iterate it for
+    (images (B, 3, S, S) float32, labels (B,) int64) on the device; len() is the number of
+    batches. Build it with from_files, or from whole DecodedImages.
+
+    Args:
+        images: whole decoded images (crop_to=None).
+        img_size: side S of the square output.
+        batch_size: images per batch (the last batch may be smaller unless drop_last).
+        seed: seeds the order and augmentation; epoch e uses seed + e.
+        drop_last: drop the last incomplete batch.
+    """
+
+    def __init__(self, images: DecodedImages, *, img_size: int, batch_size: int,
+                 seed: int = 0, drop_last: bool = False) -> None:
+        if images.crop_to is not None:
+            raise ValueError("DeviceTrainLoader crops whole images; decode them with "
+                             "crop_to=None.")
+        super().__init__(images, batch_size, drop_last)
+        self.img_size = img_size
+        self.seed = seed
+        self.epoch = 0
+
+    @classmethod
+    def from_files(cls, images_path: Sequence[str | Path], images_class: Sequence[int], *,
+                   img_size: int, batch_size: int, seed: int = 0, drop_last: bool = False,
+                   **decode_options) -> DeviceTrainLoader:
+        """Decode the files (device, rank, world_size, workers, max_bytes: DecodedImages)."""
+        _check_batch_size(batch_size)  # before the decoding, not after
+        batch_bytes = 4 * 3 * img_size * img_size * batch_size * 3  # float batch, temporaries
+        images = DecodedImages(images_path, images_class, working_bytes=batch_bytes,
+                               **decode_options)
+        return cls(images, img_size=img_size, batch_size=batch_size, seed=seed,
+                   drop_last=drop_last)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose order and augmentation the next iteration uses."""
+        self.epoch = epoch
+
     def epoch_plan(self, epoch: int) -> dict[str, torch.Tensor]:
         """The order and, per image index, crop box and flip of `epoch` (CPU tensors)."""
         generator = torch.Generator().manual_seed(self.seed + epoch)
         order = torch.randperm(self.num_samples, generator=generator)
-        top, left, height, width = crop_params(self.sizes[:, 0], self.sizes[:, 1], generator)
+        sizes = self.images.sizes
+        top, left, height, width = crop_params(sizes[:, 0], sizes[:, 1], generator)
         flip = torch.rand(self.num_samples, generator=generator) < 0.5
         return dict(order=order, top=top, left=left, height=height, width=width, flip=flip)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.train:
-            epoch = self.epoch
-            # Advance, so that a caller who never calls set_epoch still gets new epochs.
-            self.epoch += 1
-            yield from self._train_batches(epoch)
-        else:
-            yield from self._eval_batches()
-
-    def _eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        assert self.eval_images is not None
-        for b in range(len(self)):
-            rows = slice(b * self.batch_size, (b + 1) * self.batch_size)
-            yield _normalise(self.eval_images[rows].float()), self.labels[rows]
-
-    def _train_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch = self.epoch
+        # Advance, so that a caller who never calls set_epoch still gets new epochs.
+        self.epoch += 1
         plan = self.epoch_plan(epoch)
         # Python ints for the per-image loop: indexing CPU tensors costs microseconds each.
         order = plan["order"].tolist()
         top, left = plan["top"].tolist(), plan["left"].tolist()
         height, width = plan["height"].tolist(), plan["width"].tolist()
-        flips = plan["flip"].to(self.device)
-        order_on_device = plan["order"].to(self.device)
+        device = self.images.device
+        flips = plan["flip"].to(device)
+        order_on_device = plan["order"].to(device)
         size = (self.img_size, self.img_size)
         for b in range(len(self)):
             batch = order[b * self.batch_size:(b + 1) * self.batch_size]
-            crops = [_resize(self.images[k][:, top[k]:top[k] + height[k],
-                                            left[k]:left[k] + width[k]], size)
+            crops = [_resize(self.images.images[k][:, top[k]:top[k] + height[k],
+                                                   left[k]:left[k] + width[k]], size)
                      for k in batch]
             images = torch.stack(crops)                                        # (B, 3, S, S)
             index = order_on_device[b * self.batch_size:b * self.batch_size + len(batch)]
             flip = flips[index].view(-1, 1, 1, 1)
             images = torch.where(flip, images.flip(-1), images)
-            yield _normalise(images.clamp_(0, 255)), self.labels[index]
+            yield self.normalise(images.clamp_(0, 255)), self.images.labels[index]
 
 
-def _normalise(images: torch.Tensor) -> torch.Tensor:
-    """[0, 255] -> [-1, 1]: ToTensor's /255, then Normalize(mean=0.5, std=0.5)."""
-    return images.div_(127.5).sub_(1.0)
+class DeviceEvalLoader(_DeviceBatches):
+    """Evaluation batches in file order, from eval crops computed once at decoding.
+
+    A drop-in for the validation DataLoader in utils.evaluate; see DeviceTrainLoader.
+
+    Args:
+        images: images decoded with crop_to=S, the output side.
+        batch_size: images per batch (the last batch may be smaller unless drop_last).
+        drop_last: drop the last incomplete batch.
+    """
+
+    def __init__(self, images: DecodedImages, *, batch_size: int,
+                 drop_last: bool = False) -> None:
+        if images.crop_to is None:
+            raise ValueError("DeviceEvalLoader reads eval crops; decode the images with "
+                             "crop_to=img_size.")
+        super().__init__(images, batch_size, drop_last)
+        self.img_size = images.crop_to
+
+    @classmethod
+    def from_files(cls, images_path: Sequence[str | Path], images_class: Sequence[int], *,
+                   img_size: int, batch_size: int, drop_last: bool = False,
+                   **decode_options) -> DeviceEvalLoader:
+        """Decode the files (device, rank, world_size, workers, max_bytes: DecodedImages)."""
+        _check_batch_size(batch_size)
+        images = DecodedImages(images_path, images_class, crop_to=img_size, **decode_options)
+        return cls(images, batch_size=batch_size, drop_last=drop_last)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for b in range(len(self)):
+            rows = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            images = torch.stack(self.images.images[rows]).float()          # (B, 3, S, S)
+            yield self.normalise(images), self.images.labels[rows]

@@ -45,7 +45,11 @@ FLOWER_CLASS_COUNTS = {
     "sunflowers": 699,
     "tulips": 799,
 }
-IMAGE_SUFFIXES = {".jpg", ".jpeg"}
+# The archive holds JPEGs only, so its check counts those (my_dataset.IMG_EXTENSIONS is what
+# training reads, a wider set).
+FLOWER_IMAGE_SUFFIXES = {".jpg", ".jpeg"}
+# timm's in21k ViT-B/16 file under the name the reproduced repository's train.py expects.
+WEIGHTS_FILE = "vit_base_patch16_224_in21k.pth"
 
 
 class WeightsSource(NamedTuple):
@@ -59,7 +63,7 @@ WEIGHTS = {
     "pth": WeightsSource(
         "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-vitjx/"
         "jx_vit_base_patch16_224_in21k-e5005f0a.pth",
-        "vit_base_patch16_224_in21k.pth",
+        WEIGHTS_FILE,
         "e5005f0a",
     ),
     "npz": WeightsSource(
@@ -243,7 +247,9 @@ def safe_extract_tar(archive: Path, dest: Path) -> None:
 def count_images(root: Path) -> dict[str, int]:
     """Number of .jpg/.jpeg files (any case) in each class folder of ``root``, by class name."""
     return {
-        d.name: sum(1 for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        d.name: sum(
+            1 for f in d.iterdir() if f.is_file() and f.suffix.lower() in FLOWER_IMAGE_SUFFIXES
+        )
         for d in sorted(Path(root).iterdir())
         if d.is_dir() and not d.name.startswith(".")
     }

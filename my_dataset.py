@@ -13,6 +13,8 @@ from torchvision import transforms
 
 # Matched case-insensitively, so .JPG and .jpeg count (the reproduced code skipped .jpeg).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
+# The short form error messages show, e.g. "(.jpg, .jpeg, .png, ...)".
+IMG_EXTENSIONS_HINT = ", ".join(IMG_EXTENSIONS[:3]) + ", ..."
 
 # The paper and the report map pixels to [-1, 1].
 MEAN = (0.5, 0.5, 0.5)
@@ -66,6 +68,23 @@ def check_image(path: str | Path) -> str | None:
         return text[:120]
 
 
+def eval_resize_size(img_size: int) -> int:
+    """The shorter side evaluation resizes to before CenterCrop(img_size): 256 for 224, scaled."""
+    return int(round(img_size * 256 / 224))
+
+
+def eval_resize_shape(height: int, width: int, img_size: int) -> tuple[int, int]:
+    """(h, w) of a height x width image after Resize(eval_resize_size(img_size)).
+
+    torchvision's rule for Resize(int): the shorter side becomes that size and the longer
+    keeps the aspect ratio, truncated to an int. Pipelines that resize themselves use this.
+    """
+    short_side = eval_resize_size(img_size)
+    if width <= height:
+        return int(short_side * height / width), short_side
+    return short_side, int(short_side * width / height)
+
+
 def build_transforms(img_size: int = 224, train: bool = True) -> Callable:
     """The report's transforms: RandomResizedCrop + flip to train; Resize 256, CenterCrop 224."""
     if train:
@@ -76,7 +95,7 @@ def build_transforms(img_size: int = 224, train: bool = True) -> Callable:
             transforms.Normalize(MEAN, STD),
         ])
     return transforms.Compose([
-        transforms.Resize(int(round(img_size * 256 / 224))),  # 256 for 224, scaled otherwise
+        transforms.Resize(eval_resize_size(img_size)),
         transforms.CenterCrop(img_size),
         transforms.ToTensor(),
         transforms.Normalize(MEAN, STD),
@@ -102,3 +121,12 @@ class MyDataSet(Dataset):
         if self.transform is not None:
             img = self.transform(img)
         return img, self.images_class[index]
+
+    @staticmethod
+    def collate_fn(batch: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples -> (images (B, 3, H, W), labels (B,) int64), for DataLoader(collate_fn=...).
+
+        The DataLoader's default does the same; the reproduced repository's scripts pass this.
+        """
+        images, labels = zip(*batch, strict=True)
+        return torch.stack(images), torch.as_tensor(labels, dtype=torch.int64)

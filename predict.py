@@ -28,7 +28,16 @@ from torch.utils.data import DataLoader
 
 from cli import add_device_flag, add_weights_flags, run_main
 from errors import UserError
-from my_dataset import MEAN, STD, MyDataSet, build_transforms, check_image, is_image_file, open_rgb
+from my_dataset import (
+    IMG_EXTENSIONS_HINT,
+    MEAN,
+    STD,
+    MyDataSet,
+    build_transforms,
+    check_image,
+    is_image_file,
+    open_rgb,
+)
 from utils import find_checkpoint, read_class_indices, select_device
 from vit_model import VisionTransformer, create_model
 from weights import head_is_zero, read_weights
@@ -87,7 +96,7 @@ def collect_images(inputs: list[str]) -> tuple[list[Path], list[tuple[Path, str]
             found = list(_folder_images(path))
             if not found:
                 raise UserError(f"Folder {path} has no image files "
-                                f"(.jpg, .jpeg, .png, ...), searched recursively.")
+                                f"({IMG_EXTENSIONS_HINT}), searched recursively.")
             candidates += found
         elif path.is_file():
             candidates.append(path)
@@ -165,7 +174,7 @@ def image_loader(model: VisionTransformer, paths: list[Path], batch_size: int = 
     if workers is None:
         workers = 0 if len(paths) <= batch_size else min(4, os.cpu_count() or 1)
     dataset = MyDataSet(paths, [0] * len(paths),
-                        build_transforms(model.patch_embed.img_size, train=False))
+                        build_transforms(model.image_size, train=False))
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
 
 

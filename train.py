@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from cli import run_main
 from demo_data import make_demo_flowers
+from download import WEIGHTS_FILE
 from errors import UserError
 from my_dataset import MyDataSet, build_transforms
 from utils import (
@@ -46,7 +47,7 @@ from visualize import plot_confusion_matrix
 from vit_model import VisionTransformer, create_model, list_models
 from weights import fit_state_dict, read_weights
 
-DEFAULT_WEIGHTS = "./vit_base_patch16_224_in21k.pth"
+DEFAULT_WEIGHTS = f"./{WEIGHTS_FILE}"
 DEMO_DATA = Path("demo_data") / "flower_photos"
 # What --demo changes, unless the flag is given: a model and schedule that learn the
 # synthetic flowers from scratch in about a minute on two CPU cores.
@@ -201,17 +202,18 @@ def build_dataloaders(split: Split, args: argparse.Namespace, img_size: int, wor
         log("note: --no-augment uses the CPU DataLoader; --device-data is off.")
         use_device_data = False
     if use_device_data:
-        from device_data import DeviceImageLoader, DeviceMemoryError
+        from device_data import DeviceEvalLoader, DeviceMemoryError, DeviceTrainLoader
 
-        common = dict(img_size=img_size, device=device, seed=args.seed, rank=dist_info.rank,
+        common = dict(img_size=img_size, device=device, rank=dist_info.rank,
                       world_size=dist_info.world_size, workers=workers or None)
         try:
             loaders = (
-                DeviceImageLoader(split.train_images, split.train_labels, train=True,
-                                  batch_size=args.batch_size, **common),
-                DeviceImageLoader(split.val_images, split.val_labels, train=False,
-                                  batch_size=args.val_batch_size or 2 * args.batch_size,
-                                  **common))
+                DeviceTrainLoader.from_files(split.train_images, split.train_labels,
+                                             seed=args.seed, batch_size=args.batch_size,
+                                             **common),
+                DeviceEvalLoader.from_files(split.val_images, split.val_labels,
+                                            batch_size=args.val_batch_size or 2 * args.batch_size,
+                                            **common))
             log(f"Images decoded once and kept on {device}.")
             return loaders
         except DeviceMemoryError as err:
@@ -428,7 +430,7 @@ def train(args: argparse.Namespace) -> int:
     else:
         model = build_model(args, num_classes, log)
     model.to(device)
-    img_size = model.patch_embed.img_size
+    img_size = model.image_size
     workers = default_workers(dist_info) if args.workers is None else args.workers
     log(f"Using {workers} dataloader workers every process")
     train_loader, val_loader = build_dataloaders(split, args, img_size, workers, device,

@@ -20,9 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from errors import NonFiniteLossError, UserError
-from my_dataset import check_image, is_image_file
-
-IMG_SUFFIX_HINT = (".jpg", ".jpeg", ".png")
+from my_dataset import IMG_EXTENSIONS_HINT, check_image, is_image_file
 
 
 @dataclass
@@ -80,7 +78,7 @@ def read_split_data(root: str | Path, val_rate: float = 0.2, seed: int = 0,
                      for name, paths in per_class.items()}
     if not any(per_class.values()):
         raise UserError(f"No readable images under {root}; expected files such as "
-                        f"{root}/{class_names[0]}/image.jpg ({', '.join(IMG_SUFFIX_HINT)}).")
+                        f"{root}/{class_names[0]}/image.jpg ({IMG_EXTENSIONS_HINT}).")
 
     rng = random.Random(seed)  # a generator of our own: the global RNG is left alone
     split = Split(class_names, [], [], [], [], skipped)

@@ -22,29 +22,44 @@ from torch import nn
 
 
 class PatchEmbed(nn.Module):
-    """Split the image into patches and project each one linearly (Eq. 1, x_p E)."""
+    """Split the image into patches and project each one linearly (Eq. 1, x_p E).
 
-    def __init__(self, *, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
+    img_size, patch_size and grid_size are (h, w) pairs, as in timm and the reproduced
+    repository, whose scripts read them; an int means a square.
+    """
+
+    def __init__(self, *, img_size: int | tuple[int, int] = 224,
+                 patch_size: int | tuple[int, int] = 16, in_chans: int = 3,
                  embed_dim: int = 768) -> None:
         super().__init__()
-        if img_size % patch_size:
+        self.img_size = _pair(img_size)
+        self.patch_size = _pair(patch_size)
+        if self.img_size[0] % self.patch_size[0] or self.img_size[1] % self.patch_size[1]:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}.")
-        self.img_size = img_size
-        self.patch_size = patch_size
-        self.grid_size = img_size // patch_size
-        self.num_patches = self.grid_size ** 2
+        self.grid_size = (self.img_size[0] // self.patch_size[0],
+                          self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
         # A conv with kernel = stride = patch size is the same linear map as
         # flattening each patch and multiplying by E, only faster.
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size,
+                              stride=self.patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, _, height, width = x.shape
-        if height != self.img_size or width != self.img_size:
+        if (height, width) != self.img_size:
+            expected_h, expected_w = self.img_size
             raise ValueError(f"Input image size ({height}x{width}) does not match the model "
-                             f"({self.img_size}x{self.img_size}); resize it or build the model "
+                             f"({expected_h}x{expected_w}); resize it or build the model "
                              f"with img_size={height}.")
         x = self.proj(x)                      # (B, C, H/p, W/p)
         return x.flatten(2).transpose(1, 2)   # (B, N, C)
+
+
+def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    height, width = size
+    return int(height), int(width)
 
 
 class Attention(nn.Module):
@@ -182,6 +197,8 @@ class VisionTransformer(nn.Module):
             layer_norm_eps=layer_norm_eps)
         self.num_classes = num_classes
         self.embed_dim = embed_dim
+        # The reproduced repository's name: True when a pre-logits layer sits before the head.
+        self.has_logits = bool(representation_size)
 
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size,
                                       in_chans=in_chans, embed_dim=embed_dim)
@@ -214,7 +231,7 @@ class VisionTransformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Initialise as the original JAX code does (see REFERENCE.md)."""
+        """Initialise as the original JAX code (google-research/vision_transformer) does."""
         nn.init.zeros_(self.cls_token)
         nn.init.normal_(self.pos_embed, std=0.02)
         for name, module in self.named_modules():
@@ -234,6 +251,11 @@ class VisionTransformer(nn.Module):
             elif isinstance(module, nn.Conv2d):
                 lecun_normal_(module.weight)
                 nn.init.zeros_(module.bias)
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square input in pixels (torchvision's name); patch_embed has (h, w)."""
+        return self.patch_embed.img_size[0]
 
     @property
     def fused_attn(self) -> bool:

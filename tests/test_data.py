@@ -12,12 +12,21 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision import transforms
 
 from demo_data import CLASSES, make_demo_flowers
-from my_dataset import MyDataSet, build_transforms, check_image, open_rgb, to_rgb
+from download import FLOWER_CLASS_COUNTS as FLOWER_COUNTS
+from my_dataset import (
+    MyDataSet,
+    build_transforms,
+    check_image,
+    eval_resize_shape,
+    eval_resize_size,
+    open_rgb,
+    to_rgb,
+)
 from utils import Split, UserError, read_split_data
-
-FLOWER_COUNTS = {"daisy": 633, "dandelion": 898, "roses": 641, "sunflowers": 699, "tulips": 799}
 
 
 def write_tree(root: Path, counts: dict[str, int], data: bytes, suffix: str = ".jpg") -> Path:
@@ -378,6 +387,29 @@ def test_eval_transform_is_resize_256_center_crop_224():
     dark_right = int((row[-20:] < 0).sum())
     assert 3 <= dark_left <= 5 and 3 <= dark_right <= 5
     assert out[:, 10:-10, 10:-10].min() > 0.95
+
+
+@pytest.mark.parametrize(("img_size", "short_side"), [(224, 256), (384, 439), (64, 73)])
+def test_eval_resize_rule_and_the_shapes_torchvision_gives(img_size, short_side):
+    """eval_resize_shape, which pipelines resizing on their own use, is torchvision's Resize."""
+    assert eval_resize_size(img_size) == short_side
+    resize = transforms.Resize(short_side)
+    for width, height in [(500, 375), (375, 500), (333, 500), (300, 300), (20, 30), (1001, 7)]:
+        resized = resize(Image.new("RGB", (width, height)))
+        assert eval_resize_shape(height, width, img_size) == (resized.height, resized.width)
+
+
+def test_collate_fn_stacks_images_and_makes_labels_a_tensor(tmp_path):
+    paths = [_save(Image.new("RGB", (40 + 10 * i, 40), (20 * i, 0, 0)), tmp_path / f"{i}.png")
+             for i in range(3)]
+    data = MyDataSet(paths, [4, 0, 2], build_transforms(32, train=False))
+    images, labels = MyDataSet.collate_fn([data[i] for i in range(3)])
+    assert images.shape == (3, 3, 32, 32) and images.dtype == torch.float32
+    assert labels.dtype == torch.int64 and labels.tolist() == [4, 0, 2]
+    torch.testing.assert_close(images[1], data[1][0])
+    # As the reproduced train.py passes it: the instance's collate_fn, in a DataLoader.
+    loader = DataLoader(data, batch_size=2, collate_fn=data.collate_fn)
+    assert [tuple(x.shape) for x, _ in loader] == [(2, 3, 32, 32), (1, 3, 32, 32)]
 
 
 # --------------------------------------------------------------------------- demo data

@@ -1,4 +1,5 @@
-"""device_data.DeviceImageLoader on the CPU, against the PIL pipeline of my_dataset."""
+"""device_data's decode-once images and its train and eval loaders on the CPU, against the PIL
+pipeline of my_dataset."""
 
 from __future__ import annotations
 
@@ -13,7 +14,15 @@ from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import functional as TF
 
 from demo_data import draw_image
-from device_data import DeviceImageLoader, DeviceMemoryError, crop_params, jpeg_header
+from device_data import (
+    DecodedImages,
+    DeviceEvalLoader,
+    DeviceMemoryError,
+    DeviceTrainLoader,
+    Normalise,
+    crop_params,
+    jpeg_header,
+)
 from my_dataset import MEAN, STD, MyDataSet, build_transforms, open_rgb
 
 # Measured on the CPU: at most one grey level from the PIL pipeline (torch's uint8 resize
@@ -42,7 +51,7 @@ def images(tmp_path_factory) -> tuple[list[Path], list[int]]:
     return paths, labels
 
 
-def collect(loader: DeviceImageLoader) -> tuple[torch.Tensor, torch.Tensor]:
+def collect(loader: DeviceTrainLoader | DeviceEvalLoader) -> tuple[torch.Tensor, torch.Tensor]:
     batches = list(loader)
     assert len(batches) == len(loader)
     return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
@@ -50,8 +59,17 @@ def collect(loader: DeviceImageLoader) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("img_size", [224, 64])
 def test_eval_matches_pil_pipeline(images, img_size):
+    """Both pipelines' eval tensors for the same files: at most one grey level apart.
+
+    The resize rule (my_dataset.eval_resize_shape) and the normalisation (MEAN, STD) are
+    shared, so what differs is only the resize implementation: torch's uint8 antialiased
+    bilinear kernel against PIL's. Measured on these seven files (JPEG, PNG, greyscale,
+    CMYK, smaller than the resize), a value differs by exactly one grey level at 0.1-0.2% of
+    positions and agrees exactly (within float rounding of the normalisation) everywhere
+    else; hence the bound of one level, and a mean far below it.
+    """
     paths, labels = images
-    loader = DeviceImageLoader(paths, labels, img_size=img_size, batch_size=3, train=False)
+    loader = DeviceEvalLoader.from_files(paths, labels, img_size=img_size, batch_size=3)
     assert len(loader) == 3 and loader.num_samples == len(paths)
     x, y = collect(loader)
     assert x.shape == (len(paths), 3, img_size, img_size) and x.dtype == torch.float32
@@ -66,7 +84,7 @@ def test_eval_matches_pil_pipeline(images, img_size):
 
 def test_train_batches_shape_range_and_labels(images):
     paths, labels = images
-    loader = DeviceImageLoader(paths, labels, img_size=64, batch_size=4, train=True, seed=1)
+    loader = DeviceTrainLoader.from_files(paths, labels, img_size=64, batch_size=4, seed=1)
     assert len(loader) == 2
     x, y = collect(loader)
     assert x.shape == (len(paths), 3, 64, 64) and x.dtype == torch.float32
@@ -74,15 +92,15 @@ def test_train_batches_shape_range_and_labels(images):
     order = loader.epoch_plan(0)["order"].tolist()
     assert sorted(order) == list(range(len(paths)))  # every sample once per epoch
     assert y.tolist() == [labels[k] for k in order]
-    dropped = DeviceImageLoader(paths, labels, img_size=64, batch_size=4, train=True,
-                                drop_last=True)
+    dropped = DeviceTrainLoader.from_files(paths, labels, img_size=64, batch_size=4,
+                                           drop_last=True)
     assert len(dropped) == 1 and collect(dropped)[0].shape[0] == 4
 
 
 def test_train_epochs_are_seeded(images):
     paths, labels = images
-    make = lambda seed: DeviceImageLoader(paths, labels, img_size=64, batch_size=4,  # noqa: E731
-                                          train=True, seed=seed)
+    make = lambda seed: DeviceTrainLoader.from_files(  # noqa: E731
+        paths, labels, img_size=64, batch_size=4, seed=seed)
     first, second = make(0), make(0)
     first.set_epoch(3)
     second.set_epoch(3)
@@ -101,8 +119,8 @@ def test_train_epochs_are_seeded(images):
 def test_train_crops_match_pil_resized_crop(images):
     """Each sample is the PIL crop + resize + flip of the planned box, within a grey level."""
     paths, labels = images
-    loader = DeviceImageLoader(paths, labels, img_size=64, batch_size=len(paths), train=True,
-                               seed=7)
+    loader = DeviceTrainLoader.from_files(paths, labels, img_size=64, batch_size=len(paths),
+                                          seed=7)
     flips = set()
     for epoch in range(3):  # a few epochs, so that both flip states occur
         plan = loader.epoch_plan(epoch)
@@ -161,8 +179,8 @@ def test_jpeg_header_agrees_with_pil(tmp_path, options):
 
 def test_shards_split_the_images(images):
     paths, labels = images
-    shards = [DeviceImageLoader(paths, labels, img_size=32, batch_size=2, train=False,
-                                rank=rank, world_size=2) for rank in range(2)]
+    shards = [DeviceEvalLoader.from_files(paths, labels, img_size=32, batch_size=2,
+                                          rank=rank, world_size=2) for rank in range(2)]
     assert [s.num_samples for s in shards] == [4, 3]
     assert collect(shards[1])[1].tolist() == labels[1::2]
 
@@ -170,6 +188,41 @@ def test_shards_split_the_images(images):
 def test_too_large_raises_before_decoding(images):
     paths, labels = images
     with pytest.raises(DeviceMemoryError, match="no-device-data"):
-        DeviceImageLoader(paths, labels, img_size=64, batch_size=2, train=True, max_bytes=1000)
+        DeviceTrainLoader.from_files(paths, labels, img_size=64, batch_size=2, max_bytes=1000)
+    with pytest.raises(DeviceMemoryError, match="no-device-data"):
+        DeviceEvalLoader.from_files(paths, labels, img_size=64, batch_size=2, max_bytes=1000)
     with pytest.raises(ValueError, match="differ in length"):
-        DeviceImageLoader(paths, labels[:-1], img_size=64, batch_size=2, train=True)
+        DeviceTrainLoader.from_files(paths, labels[:-1], img_size=64, batch_size=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        DeviceEvalLoader.from_files(paths, labels, img_size=64, batch_size=0)
+
+
+def test_decoded_once_serves_several_loaders(images):
+    """The decode-once part keeps every file's image and size; loaders only read it."""
+    paths, labels = images
+    whole = DecodedImages(paths, labels)
+    assert len(whole) == len(paths) and whole.labels.tolist() == labels
+    for image, (height, width), path in zip(whole.images, whole.sizes.tolist(), paths,
+                                            strict=True):
+        assert image.dtype == torch.uint8 and image.shape == (3, height, width)
+        assert Image.open(path).size == (width, height)
+    first = DeviceTrainLoader(whole, img_size=32, batch_size=4, seed=2)
+    second = DeviceTrainLoader(whole, img_size=32, batch_size=4, seed=2)
+    assert torch.equal(collect(first)[0], collect(second)[0])
+    with pytest.raises(ValueError, match="crop_to"):
+        DeviceEvalLoader(whole, batch_size=4)
+
+    crops = DecodedImages(paths, labels, crop_to=32)
+    assert {tuple(image.shape) for image in crops.images} == {(3, 32, 32)}
+    assert DeviceEvalLoader(crops, batch_size=4).img_size == 32
+    with pytest.raises(ValueError, match="crop_to"):
+        DeviceTrainLoader(crops, img_size=32, batch_size=4)
+
+
+def test_normalise_is_to_tensor_then_my_datasets_normalize(images):
+    """Normalise derives from MEAN and STD: the same tensor as ToTensor + Normalize."""
+    image = open_rgb(images[0][0])
+    pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float()
+    ours = Normalise("cpu")(pixels[None].clone())[0]
+    expected = TF.normalize(TF.to_tensor(image), MEAN, STD)
+    torch.testing.assert_close(ours, expected, atol=1e-6, rtol=0)

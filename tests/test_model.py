@@ -9,7 +9,15 @@ import torch
 from torch import nn
 
 import weights
-from vit_model import DropPath, VisionTransformer, create_model, list_models
+from vit_model import (
+    DropPath,
+    PatchEmbed,
+    VisionTransformer,
+    create_model,
+    list_models,
+    vit_base_patch16_224,
+    vit_base_patch16_224_in21k,
+)
 
 # A ViT small enough to run in milliseconds: 32 px, 4x4 patches of 8 px, 2 blocks of width 64.
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
@@ -87,6 +95,37 @@ def test_has_logits_overrides():
     assert isinstance(plain.pre_logits, nn.Identity)
 
 
+def test_has_logits_says_whether_a_pre_logits_layer_exists():
+    small = dict(depth=1, num_classes=5)
+    assert create_model("vit_base_patch16_224_in21k", **small).has_logits is True
+    assert create_model("vit_base_patch16_224_in21k", **small, has_logits=False).has_logits is False
+    assert create_model("vit_base_patch16_224", **small).has_logits is False
+    assert create_model("vit_base_patch16_224", **small, has_logits=True).has_logits is True
+    assert tiny(representation_size=16).has_logits and not tiny().has_logits
+
+
+def test_reproduced_train_script_loads_the_in21k_file_without_head_and_pre_logits():
+    """The reproduced train.py: build the factory with these two arguments, drop the keys
+    has_logits says do not fit from the in21k file's state dict, load with strict=False."""
+    model = vit_base_patch16_224_in21k(num_classes=5, has_logits=False)
+    assert model.has_logits is False and model.head.out_features == 5
+    # The in21k file's layout: this model's keys plus pre-logits and a 21843-class head.
+    full = dict(model.state_dict())
+    full.update({"pre_logits.fc.weight": torch.zeros(768, 768),
+                 "pre_logits.fc.bias": torch.zeros(768),
+                 "head.weight": torch.zeros(21843, 768), "head.bias": torch.zeros(21843)})
+    drop = ["head.weight", "head.bias"]
+    if not model.has_logits:
+        drop += ["pre_logits.fc.weight", "pre_logits.fc.bias"]
+    for key in drop:
+        del full[key]
+    result = model.load_state_dict(full, strict=False)
+    assert sorted(result.missing_keys) == ["head.bias", "head.weight"]
+    assert result.unexpected_keys == []
+    # The grad-CAM script builds the 1k model with no arguments.
+    assert vit_base_patch16_224(depth=1).head.out_features == 1000
+
+
 def test_img_size_override_resizes_the_position_embedding():
     model = create_model("vit_base_patch16_224", img_size=64, depth=1, num_classes=3).eval()
     assert model.patch_embed.num_patches == 16
@@ -94,6 +133,26 @@ def test_img_size_override_resizes_the_position_embedding():
     assert model.model_args["img_size"] == 64
     with torch.no_grad():
         assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+
+
+def test_patch_embed_sizes_are_height_width_pairs():
+    """(h, w) pairs as timm and the reproduced code have them; an int side is a square."""
+    model = tiny()
+    assert model.patch_embed.img_size == (32, 32) and model.patch_embed.patch_size == (8, 8)
+    assert model.patch_embed.grid_size == (4, 4) and model.image_size == 32
+    assert model.model_args["img_size"] == 32 and model.model_args["patch_size"] == 8
+    # The grad-CAM script of the reproduced repository folds the tokens back this way.
+    rows = model.patch_embed.img_size[0] // model.patch_embed.patch_size[0]
+    cols = model.patch_embed.img_size[1] // model.patch_embed.patch_size[1]
+    with torch.no_grad():
+        tokens = model.forward_features(images())                      # (B, 1 + N, C)
+    assert tokens[:, 1:].reshape(2, rows, cols, 64).shape == (2, 4, 4, 64)
+
+    wide = PatchEmbed(img_size=(16, 40), patch_size=8, embed_dim=12)
+    assert wide.grid_size == (2, 5) and wide.num_patches == 10
+    assert wide(torch.randn(1, 3, 16, 40)).shape == (1, 10, 12)
+    with pytest.raises(ValueError, match="multiple"):
+        PatchEmbed(img_size=(16, 44), patch_size=8)
 
 
 def test_wrong_input_size_raises_a_clear_value_error():
@@ -117,7 +176,7 @@ def test_unknown_model_name_lists_the_choices():
 
 def test_demo_model_is_small_and_64_px():
     model = create_model("vit_demo_patch8_64", num_classes=5)
-    assert model.patch_embed.img_size == 64 and model.patch_embed.patch_size == 8
+    assert model.image_size == 64 and model.patch_embed.patch_size == (8, 8)
     assert model.pos_embed.shape == (1, 65, 128)
     assert 0.5e6 < num_params(model) < 1.0e6
 

@@ -116,7 +116,7 @@ def test_checkpoints_carry_what_is_needed_to_use_them(run):
         assert set(SCALARS) <= set(checkpoint["metrics"])
         model = VisionTransformer(**checkpoint["model_args"])
         model.load_state_dict(checkpoint["model"], strict=True)
-        assert model.num_classes == 5 and model.patch_embed.img_size == 64
+        assert model.num_classes == 5 and model.image_size == 64
     first, second = load(run.output_dir / "model-0.pth"), load(run.output_dir / "model-1.pth")
     assert not torch.equal(first["model"]["head.weight"], second["model"]["head.weight"])
     assert not torch.equal(first["model"]["blocks.0.attn.qkv.weight"],
