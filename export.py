@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from my_dataset import MEAN, STD
-from predict import load_classifier, resolve_weights
 from cli import add_weights_flags, run_main
 from errors import UserError
+from my_dataset import MEAN, STD
+from predict import load_classifier, resolve_weights
 from vit_model import VisionTransformer
 
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
@@ -51,7 +51,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def export_config(model: VisionTransformer, class_names: list[str]) -> dict:
-    return {"class_names": class_names, "img_size": model.patch_embed.img_size,
+    return {"class_names": class_names, "img_size": model.model_args["img_size"],
             "mean": list(MEAN), "std": list(STD), "input": "images (B, 3, H, W) float32",
             "output": "logits (B, classes)"}
 
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     weights_path = resolve_weights(args.weights)
     model, class_names = load_classifier(weights_path, args.class_indices, args.model_name)
     model = model.cpu().eval()
-    size = model.patch_embed.img_size
+    size = model.model_args["img_size"]
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(TRACE_BATCH, 3, size, size, generator=generator)
     output = Path(args.output)
