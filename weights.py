@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from errors import WeightsError
+from errors import UserError, WeightsError
 from vit_model import VisionTransformer, create_model, list_models
 
 # Prefixes that wrappers add to every key: DataParallel / DDP, torch.compile.
@@ -736,13 +736,17 @@ def build_model_for(weights: Weights, model_name: str, fine_tune: dict | None = 
     pre-logits and stated num_heads / layer_norm_eps (implied_model_args); the patch size,
     width and depth stay the named model's, so a file of another architecture is an error
     that names the model it needs, and the named model supplies what the file cannot say
-    (mlp_ratio; num_heads where the file does not state it). To
-    fine-tune, fine_tune holds the caller's constructor arguments (train.py: a new head, its
-    resolution, drop path): the named model takes those and the file's stated num_heads /
-    layer_norm_eps, and fit_state_dict adapts the file's head and position embedding.
+    (mlp_ratio; num_heads where the file does not state it).
+
+    To fine-tune, fine_tune holds the caller's constructor arguments (train.py: a new head,
+    its resolution, drop path): the named model takes those and the file's stated num_heads
+    / layer_norm_eps, and fit_state_dict adapts the file's head and position embedding.
     """
     if fine_tune is not None:
-        return _create(model_name, {**_stated_args(weights), **fine_tune}, weights)
+        try:
+            return create_model(model_name, **{**_stated_args(weights), **fine_tune})
+        except ValueError as err:  # an unknown name, or sizes that do not divide
+            raise UserError(str(err)) from None
     if weights.complete_args:
         try:
             return VisionTransformer(**weights.model_args)
@@ -750,8 +754,13 @@ def build_model_for(weights: Weights, model_name: str, fine_tune: dict | None = 
             raise WeightsError(f"The checkpoint's model_args do not build a model ({err}); "
                                f"they were changed after it was written.") from None
     implied = implied_model_args(weights)
-    return _create(model_name, {k: v for k, v in implied.items() if k not in _STRUCTURE},
-                   weights)
+    try:
+        return create_model(model_name, **{k: v for k, v in implied.items()
+                                           if k not in _STRUCTURE})
+    except ValueError as err:
+        if model_name not in list_models():
+            raise WeightsError(str(err)) from None
+        raise _misfit(weights, model_name) from None
 
 
 def load_model_for(weights: Weights, model_name: str) -> VisionTransformer:
@@ -767,21 +776,17 @@ def load_model_for(weights: Weights, model_name: str) -> VisionTransformer:
     return model.eval()
 
 
-def _create(model_name: str, args: dict, weights: Weights) -> VisionTransformer:
-    try:
-        return create_model(model_name, **args)
-    except ValueError as err:  # an unknown name, or sizes the named model cannot be built with
-        if model_name not in list_models():
-            raise WeightsError(str(err)) from None
-    state_dict, named = weights.state_dict, _registered_args(model_name)
-    implied = implied_model_args(weights)
-    grid = implied.get("img_size", 0) // implied.get("patch_size", 1)
-    raise WeightsError(
+def _misfit(weights: Weights, model_name: str) -> WeightsError:
+    """The error for a file whose patch grid the named model cannot be built for."""
+    named, implied = _registered_args(model_name), implied_model_args(weights)
+    patch = implied.get("patch_size")
+    grid = f", a {implied['img_size'] // patch}x{implied['img_size'] // patch} grid of " \
+        f"{patch} px patches" if "img_size" in implied else ""
+    return WeightsError(
         f"The weights do not fit {model_name} (patch size {named['patch_size']}, width "
         f"{named['embed_dim']}, {named['depth']} blocks, {named['num_heads']} heads): the file "
-        f"holds {describe_architecture(state_dict)}, a {grid}x{grid} grid of "
-        f"{implied.get('patch_size')} px patches. {_fitting_models_hint(weights, model_name)}"
-        .strip())
+        f"holds {describe_architecture(weights.state_dict)}{grid}. "
+        f"{_fitting_models_hint(weights, model_name)}".strip())
 
 
 def _registered_args(model_name: str) -> dict:

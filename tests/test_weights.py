@@ -19,6 +19,7 @@ from torch import nn
 from weight_files import (
     HF_LAYOUTS,
     TINY,
+    SideEffect,
     assert_same_outputs,
     google_npz_arrays,
     hf_config,
@@ -34,9 +35,12 @@ from vit_model import VisionTransformer, create_model
 from weights import (
     LoadReport,
     WeightsError,
+    build_model_for,
     describe_architecture,
     fit_state_dict,
     head_is_zero,
+    implied_model_args,
+    load_model_for,
     read_safetensors,
     read_weights,
     resample_pos_embed,
@@ -430,16 +434,6 @@ def test_describe_architecture():
 
 # --------------------------------------------------------------------------- safety
 
-class SideEffect:
-    """Unpickling this creates a file: what a malicious checkpoint would do."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 @pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy-pickle"])
 def test_a_pickle_that_runs_code_is_refused_unrun(tmp_path, zip_format):
     control_marker, marker = tmp_path / "control-ran", tmp_path / "pwned"
@@ -536,3 +530,112 @@ def test_missing_and_unknown_files(tmp_path):
         read_weights(text)
     with pytest.raises(WeightsError, match="without model.safetensors"):
         read_weights(tmp_path)
+
+
+# --------------------------------------------------------------------------- the model for a file
+
+def assert_same_model(model: VisionTransformer, source: VisionTransformer) -> None:
+    assert model.model_args == source.model_args
+    x = images(size=source.model_args["img_size"])
+    with torch.no_grad():
+        assert_same_outputs(model(x), source(x))
+
+
+def test_this_projects_checkpoint_rebuilds_from_its_model_args(tmp_path):
+    source = random_ours(num_classes=3, img_size=48, layer_norm_eps=1e-5)
+    path = tmp_path / "best.pth"
+    torch.save({"model": source.state_dict(), "model_args": source.model_args,
+                "model_name": "vit_tiny", "class_names": ["a", "b", "c"]}, path)
+    weights = read_weights(path)
+
+    assert weights.complete_args
+    implied = implied_model_args(weights)
+    assert implied == {**TINY, "img_size": 48, "num_classes": 3, "representation_size": None,
+                       "layer_norm_eps": 1e-5}
+    assert implied.items() <= weights.model_args.items()
+    # The stored arguments as they are: the model name cannot change them.
+    assert_same_model(load_model_for(weights, "vit_base_patch16_224_in21k"), source)
+
+
+def test_timm_state_dict_implies_its_shapes_only(tmp_path):
+    path = tmp_path / "timm.safetensors"
+    from safetensors.torch import save_file
+    save_file(randomize_(timm_vit(num_classes=7)).state_dict(), path)
+    weights = read_weights(path)
+
+    assert not weights.complete_args
+    implied = implied_model_args(weights)
+    assert implied == {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2,
+                       "num_classes": 7, "representation_size": None}
+
+
+def test_pre_logits_and_another_resolution_are_implied(tmp_path):
+    source = randomize_(create_model("vit_demo_patch8_64", img_size=56, num_classes=5,
+                                     has_logits=True))
+    path = tmp_path / "demo56.pth"
+    torch.save(source.state_dict(), path)
+    weights = read_weights(path)
+
+    implied = implied_model_args(weights)
+    assert (implied["img_size"], implied["representation_size"], implied["num_classes"]) == (
+        56, 128, 5)
+    assert_same_model(load_model_for(weights, "vit_demo_patch8_64"), source)
+
+
+def test_a_file_of_another_architecture_names_the_model_that_fits(tmp_path):
+    """A demo file at 56 px and the default ViT-B/16: not '56 is not a multiple of 16'."""
+    path = tmp_path / "demo56.pth"
+    torch.save(create_model("vit_demo_patch8_64", img_size=56, num_classes=5).state_dict(), path)
+    weights = read_weights(path)
+
+    with pytest.raises(WeightsError) as error:
+        load_model_for(weights, "vit_base_patch16_224_in21k")
+    message = str(error.value)
+    assert "vit_base_patch16_224_in21k (patch size 16, width 768, 12 blocks" in message
+    assert "7x7 grid of 8 px patches" in message
+    assert message.endswith("pass --model-name vit_demo_patch8_64.")
+    assert "multiple" not in message and "\n" not in message
+
+    # A grid the named model can be built for: the shapes differ, the advice is the same.
+    torch.save(create_model("vit_demo_patch8_64", num_classes=5).state_dict(), path)
+    with pytest.raises(WeightsError, match="pass --model-name vit_demo_patch8_64.$"):
+        load_model_for(read_weights(path), "vit_small_patch16_224")
+
+
+def test_hugging_face_states_its_eps_and_heads(tmp_path):
+    import transformers
+    reference = randomize_(transformers.ViTForImageClassification(hf_config(num_labels=3)))
+    weights = read_weights(hf_files(reference, tmp_path, "folder"))
+
+    implied = implied_model_args(weights)
+    assert (implied["layer_norm_eps"], implied["num_heads"]) == (1e-12, 4)
+    assert not weights.complete_args  # config.json does not say drop rates and the like
+    model = build_model_for(weights, "vit_tiny_patch16_224",
+                            fine_tune={"num_classes": 5, "has_logits": False})
+    # Fine-tuning keeps the named model's shapes and takes what the file states.
+    assert model.model_args["layer_norm_eps"] == 1e-12 and model.model_args["num_heads"] == 4
+    assert model.model_args["embed_dim"] == 192 and model.model_args["num_classes"] == 5
+
+
+def test_google_npz_states_its_heads(tmp_path):
+    path = tmp_path / "ViT-Ti_8.npz"
+    np.savez(path, **google_npz_arrays(random_ours().state_dict(), 4))
+    assert implied_model_args(read_weights(path))["num_heads"] == 4
+
+
+TAMPERED_MODEL_ARGS = {
+    "a list": (lambda args: list(args.items()), "model_args is a list, not a dict"),
+    "text": (lambda args: "depth=2", "model_args is a str, not a dict"),
+    "a foreign key": (lambda args: {**args, "evil": 1}, "names evil, which are not arguments"),
+    "a broken value": (lambda args: {**args, "depth": "two"}, "model_args do not build a model"),
+}
+
+
+@pytest.mark.parametrize("tamper", TAMPERED_MODEL_ARGS)
+def test_a_checkpoint_with_tampered_model_args_is_refused(tmp_path, tamper):
+    change, message = TAMPERED_MODEL_ARGS[tamper]
+    source = random_ours()
+    path = tmp_path / "best.pth"
+    torch.save({"model": source.state_dict(), "model_args": change(source.model_args)}, path)
+    with pytest.raises(WeightsError, match=message):
+        load_model_for(read_weights(path), "vit_tiny_patch16_224")

@@ -14,6 +14,17 @@ from torch import nn
 from vit_model import VisionTransformer
 from weights import Weights
 
+
+class SideEffect:
+    """Unpickling this creates a file: what a malicious checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
 # A tiny ViT every library can build: 32 px, 8 px patches (4x4 grid), width 64, 2 blocks.
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
 
