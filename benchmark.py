@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import math
@@ -48,8 +49,10 @@ import torch
 from PIL import Image
 from torch import nn
 
+from cli import run_main
 from demo_data import draw_image
 from download import FLOWER_CLASS_COUNTS
+from errors import UserError
 from my_dataset import MyDataSet, build_transforms
 from utils import epoch_checkpoints, peek_checkpoint, read_split_data
 from vit_model import create_model, list_models
@@ -759,13 +762,10 @@ def fill_defaults(args: argparse.Namespace, device: torch.device) -> None:
             setattr(args, name, value)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but CUDA is not available; pass --device cpu.",
-              file=sys.stderr)
-        return 2
+        raise UserError("--device cuda but CUDA is not available; pass --device cpu.")
     fill_defaults(args, device)
     dtype = {"bf16": torch.bfloat16, "fp32": None}[args.dtype]
     command = "python benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -843,6 +843,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Results written to {args.json}")
     failed = failed or not all(r.get("ok", True) for r in results.get("e2e", []))
     return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    return run_main(functools.partial(run, argv=argv), args)
 
 
 if __name__ == "__main__":

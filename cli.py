@@ -30,10 +30,18 @@ def add_device_flag(parser: argparse.ArgumentParser, default: str = "cuda:0") ->
                              "absent)")
 
 
-def add_weights_flags(parser: argparse.ArgumentParser) -> None:
-    """--weights, --class-indices and --model-name, for the scripts that read a trained model."""
+def add_model_name_flag(parser: argparse.ArgumentParser,
+                        purpose: str = "architecture, for weights that do not name it") -> None:
     from vit_model import list_models
 
+    parser.add_argument("--model-name", default=DEFAULT_MODEL, choices=list_models(),
+                        metavar="NAME",
+                        help=f"{purpose} (default: %(default)s), one of: "
+                             f"{', '.join(list_models())}")
+
+
+def add_weights_flags(parser: argparse.ArgumentParser) -> None:
+    """--weights, --class-indices and --model-name, for the scripts that read a trained model."""
     parser.add_argument("--weights", default=None,
                         help="checkpoint, or any weights file or Hugging Face folder that "
                              "weights.py reads (default: best.pth in ./weights, else the "
@@ -41,7 +49,4 @@ def add_weights_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--class-indices", default=None,
                         help="class_indices.json, needed only for weights that do not name "
                              "their classes (default: beside the weights, else ./)")
-    parser.add_argument("--model-name", default=DEFAULT_MODEL, choices=list_models(),
-                        metavar="NAME",
-                        help="architecture, for weights that do not name it (default: "
-                             "%(default)s)")
+    add_model_name_flag(parser)

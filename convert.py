@@ -6,9 +6,9 @@
 
 SRC is anything weights.read_weights reads (timm / reproduced-repository .pth,
 .safetensors, Google .npz, a Hugging Face folder or file, torchvision). Without
---model-name DST is a plain state dict. With it, the named model is built to
-match the file (its head's classes, pre-logits, resolution, and the
-layer_norm_eps / num_heads the file states) and loaded with strict=True to
+--model-name DST is a plain state dict. With it, the model for the file is
+built as weights.build_model_for says (the named model with the file's head,
+pre-logits, resolution and stated arguments) and loaded with strict=True to
 prove the weights fit; DST is then a checkpoint that rebuilds itself:
 {"model", "model_args", "model_name", "class_names", "source_format"}.
 """
@@ -16,15 +16,12 @@ prove the weights fit; DST is then a checkpoint that rebuilds itself:
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
 from cli import run_main
-from errors import WeightsError
 from utils import save_checkpoint
-from vit_model import VisionTransformer, create_model
-from weights import Weights, check_fits, describe_architecture, read_weights
+from weights import describe_architecture, load_model_for, read_weights
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -37,33 +34,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_matching_model(weights: Weights, model_name: str) -> VisionTransformer:
-    """The named model with the head, pre-logits, resolution and norms the file has."""
-    state_dict = weights.state_dict
-    head = state_dict.get("head.weight")
-    pre_logits = state_dict.get("pre_logits.fc.weight")
-    overrides = {"num_classes": head.shape[0] if head is not None else 0,
-                 "representation_size": pre_logits.shape[0] if pre_logits is not None else None}
-    patch = state_dict.get("patch_embed.proj.weight")
-    pos_embed = state_dict.get("pos_embed")
-    if patch is not None and pos_embed is not None:
-        overrides["img_size"] = math.isqrt(pos_embed.shape[1] - 1) * patch.shape[-1]
-    for key in ("layer_norm_eps", "num_heads"):
-        if key in weights.model_args:
-            overrides[key] = weights.model_args[key]
-    try:
-        return create_model(model_name, **overrides)
-    except ValueError as err:  # unknown name, or the file's sizes do not divide
-        raise WeightsError(str(err)) from None
-
-
 def run(args: argparse.Namespace) -> int:
     weights = read_weights(args.src)
     state_dict = weights.state_dict
     if args.model_name:
-        model = build_matching_model(weights, args.model_name)
-        check_fits(state_dict, model.state_dict())
-        model.load_state_dict(state_dict, strict=True)
+        model = load_model_for(weights, args.model_name)
         output = {"model": state_dict, "model_args": model.model_args,
                   "model_name": args.model_name, "class_names": weights.class_names,
                   "source_format": weights.format}

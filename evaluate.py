@@ -156,6 +156,9 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1.")
     weights_path = resolve_weights(args.weights)
+    # The weights first: a broken file is the problem to report even when the data folder
+    # it names is missing too.
+    model, class_names = load_classifier(weights_path, args.class_indices, args.model_name)
     trained_with = read_checkpoint_args(weights_path)
     settings = {}
     for key, default in TRAIN_DEFAULTS.items():
@@ -172,7 +175,6 @@ def run(args: argparse.Namespace) -> int:
     split = read_split_data(data_path, settings["val_rate"], settings["seed"],
                             warn=lambda text: print(text, file=sys.stderr))
     device = select_device(args.device)
-    model, class_names = load_classifier(weights_path, args.class_indices, args.model_name)
     if split.class_names != class_names:
         raise UserError(f"{data_path} has the classes {', '.join(split.class_names)} but "
                         f"{weights_path} was trained on {', '.join(class_names)}.")

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from cli import add_device_flag, add_weights_flags, run_main
+from cli import DEFAULT_MODEL, add_device_flag, add_weights_flags, run_main
 from errors import UserError
 from my_dataset import (
     IMG_EXTENSIONS_HINT,
@@ -39,8 +39,8 @@ from my_dataset import (
     open_rgb,
 )
 from utils import find_checkpoint, read_class_indices, select_device
-from vit_model import VisionTransformer, create_model
-from weights import head_is_zero, read_weights
+from vit_model import VisionTransformer
+from weights import head_is_zero, load_model_for, read_weights
 
 MAX_GRID = 64  # images in one --save-fig grid; beyond that the pictures become stamps
 FIGURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
@@ -115,57 +115,48 @@ def collect_images(inputs: list[str]) -> tuple[list[Path], list[tuple[Path, str]
 
 
 def resolve_weights(path: str | None) -> Path:
+    """--weights as a path (a file or a Hugging Face folder); by default ./weights' newest."""
     if path is None:
         found = find_checkpoint("weights")
         if found is None:
             raise UserError("No checkpoint in ./weights; train one (python train.py, or "
                             "python train.py --demo) or pass --weights.")
         return found
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise UserError(f"Weights file {path} does not exist.")
     return Path(path)
 
 
 def load_classifier(weights_path: Path, class_indices: str | None = None,
-                    model_name: str = "vit_base_patch16_224_in21k"
-                    ) -> tuple[VisionTransformer, list[str]]:
-    """Rebuild the model a checkpoint was trained as, with its class names."""
+                    model_name: str = DEFAULT_MODEL) -> tuple[VisionTransformer, list[str]]:
+    """The model these weights need, loaded, with its class names."""
     weights = read_weights(weights_path)
-    state_dict = weights.state_dict
-    class_names = weights.class_names
-    if class_names is None:
-        candidates = [Path(class_indices)] if class_indices else [
-            weights_path.parent / "class_indices.json", Path("class_indices.json")]
-        found = next((p for p in candidates if p.is_file()), None)
-        if found is None:
-            raise UserError(f"{weights_path} does not name its classes and no "
-                            f"class_indices.json was found; pass --class-indices.")
-        class_names = read_class_indices(found)
-    if weights.format == "this project":
-        model = VisionTransformer(**weights.model_args)
-    else:  # a bare state dict: the architecture comes from --model-name and the file's shapes
-        overrides = dict(num_classes=len(class_names),
-                         has_logits="pre_logits.fc.weight" in state_dict)
-        overrides.update({k: v for k, v in weights.model_args.items() if k == "layer_norm_eps"})
-        if "pos_embed" in state_dict and "patch_embed.proj.weight" in state_dict:
-            patch = state_dict["patch_embed.proj.weight"].shape[-1]
-            grid = int(round((state_dict["pos_embed"].shape[1] - 1) ** 0.5))
-            overrides["img_size"] = grid * patch
-        model = create_model(model_name, **overrides)
-    head = state_dict.get("head.weight")
-    if head is not None and head.shape[0] != len(class_names):
-        raise UserError(f"{weights_path} has a {head.shape[0]}-class head but "
+    class_names = weights.class_names or _class_names_for(weights_path, class_indices)
+    model = load_model_for(weights, model_name)
+    if model.num_classes == 0:
+        raise UserError(f"{weights_path} has no classification head, only features; fine-tune "
+                        f"it first (python train.py --weights {weights_path}).")
+    if model.num_classes != len(class_names):
+        raise UserError(f"{weights_path} has a {model.num_classes}-class head but "
                         f"{len(class_names)} class names were given.")
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as err:
-        raise UserError(f"{weights_path} does not fit {model_name}: "
-                        f"{str(err).splitlines()[1].strip()}") from None
-    if head_is_zero(state_dict):
+    if head_is_zero(weights.state_dict):
         print(f"warning: the head in {weights_path} is all zeros (as in the ImageNet-21k "
               f"release); every class gets the same probability. Fine-tune it first.",
               file=sys.stderr)
-    return model.eval(), class_names
+    return model, class_names
+
+
+def _class_names_for(weights_path: Path, class_indices: str | None) -> list[str]:
+    """--class-indices, else class_indices.json beside the weights (in a Hugging Face folder),
+    else in the current folder."""
+    beside = weights_path if weights_path.is_dir() else weights_path.parent
+    candidates = ([Path(class_indices)] if class_indices
+                  else [beside / "class_indices.json", Path("class_indices.json")])
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        raise UserError(f"{weights_path} does not name its classes and no "
+                        f"class_indices.json was found; pass --class-indices.")
+    return read_class_indices(found)
 
 
 def image_loader(model: VisionTransformer, paths: list[Path], batch_size: int = 32,

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from cli import run_main
+from cli import add_device_flag, add_model_name_flag, run_main
 from demo_data import make_demo_flowers
 from download import WEIGHTS_FILE
 from errors import UserError
@@ -44,8 +44,8 @@ from utils import (
     write_class_indices,
 )
 from visualize import plot_confusion_matrix
-from vit_model import VisionTransformer, create_model, list_models
-from weights import fit_state_dict, read_weights
+from vit_model import VisionTransformer, create_model
+from weights import build_model_for, fit_state_dict, read_weights
 
 DEFAULT_WEIGHTS = f"./{WEIGHTS_FILE}"
 DEMO_DATA = Path("demo_data") / "flower_photos"
@@ -78,10 +78,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-path", default="./flower_photos",
                         help="folder with one sub-folder of images per class "
                              "(default: %(default)s)")
-    parser.add_argument("--model-name", default="vit_base_patch16_224_in21k",
-                        choices=list_models(), metavar="NAME",
-                        help=f"architecture (default: %(default)s), one of: "
-                             f"{', '.join(list_models())}")
+    add_model_name_flag(parser, "architecture")
     parser.add_argument("--weights", default=DEFAULT_WEIGHTS,
                         help="pretrained weights to start from, any format weights.py reads; "
                              "'' trains from scratch (default: %(default)s)")
@@ -93,9 +90,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "--no-freeze-layers or --freeze-layers false trains everything")
     parser.add_argument("--no-freeze-layers", dest="freeze_layers", action="store_false",
                         help=argparse.SUPPRESS)
-    parser.add_argument("--device", default="cuda:0",
-                        help="cuda:N, cpu or mps (default: %(default)s; the CPU when CUDA is "
-                             "absent)")
+    add_device_flag(parser)
     parser.add_argument("--output-dir", default="./weights",
                         help="where checkpoints and class_indices.json go (default: %(default)s)")
     parser.add_argument("--log-dir", default="runs",
@@ -244,9 +239,7 @@ def build_model(args: argparse.Namespace, num_classes: int, log=print) -> Vision
                         f"'python download.py weights' (or add --download), or pass "
                         f"--weights '' to train from scratch.")
     weights = read_weights(args.weights)
-    if "layer_norm_eps" in weights.model_args:  # Hugging Face files use 1e-12
-        overrides["layer_norm_eps"] = weights.model_args["layer_norm_eps"]
-    model = create_model(args.model_name, **overrides)
+    model = build_model_for(weights, args.model_name, fine_tune=overrides)
     state_dict, report = fit_state_dict(model, weights.state_dict)
     model.load_state_dict(state_dict, strict=False)
     log(f"Weights {args.weights} ({weights.format}): {report}")

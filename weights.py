@@ -25,6 +25,7 @@ user can act on.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import pickle
@@ -40,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from errors import WeightsError
+from errors import UserError, WeightsError
+from vit_model import VisionTransformer, create_model, list_models
 
 # Prefixes that wrappers add to every key: DataParallel / DDP, torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -59,28 +61,25 @@ class Weights:
     # The detected format in words: "Google .npz", "timm safetensors", "torchvision", ...
     format: str
     # Constructor arguments of VisionTransformer the file states: all of them for this
-    # project's checkpoints; for Hugging Face those of config.json, layer_norm_eps
-    # (1e-12) among them; num_heads for Google .npz (its kernels are per head); empty
-    # when the file says nothing beyond the tensor shapes. A model for these weights
-    # must be built with layer_norm_eps=model_args["layer_norm_eps"] when it is present.
+    # project's checkpoints; for Hugging Face those of config.json; num_heads for Google
+    # .npz (its kernels are per head); empty when the file says nothing beyond the tensor
+    # shapes. build_model_for decides which of them a model for the file takes.
     model_args: dict = field(default_factory=dict)
     model_name: str | None = None
     class_names: list[str] | None = None
 
-
-def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """The state dict of a weights file, in this project's parameter names."""
-    return read_weights(path).state_dict
+    @property
+    def complete_args(self) -> bool:
+        """Whether model_args name every VisionTransformer argument, so they alone rebuild
+        the model the file was saved from (this project's checkpoints)."""
+        return _model_arg_names() <= set(self.model_args)
 
 
 def read_weights(path: str | Path) -> Weights:
     """Read a weights file or Hugging Face folder of any supported format.
 
-    The state dict comes back in this project's names. ``Weights.model_args``
-    holds the constructor arguments the file states; build the model with
-    ``layer_norm_eps=weights.model_args["layer_norm_eps"]`` when that key is
-    present (Hugging Face files use 1e-12 where this project uses 1e-6;
-    otherwise the outputs drift slightly from the original's).
+    The state dict comes back in this project's names, with what the file states
+    about the model (``Weights.model_args``); build_model_for builds the model for it.
     """
     path = Path(path)
     if path.is_dir():
@@ -99,10 +98,29 @@ def read_weights(path: str | Path) -> Weights:
         if isinstance(obj, dict) and "model" in obj and "model_args" in obj:
             # A checkpoint written by train.py or convert.py.
             return Weights(state_dict=_strip_prefixes(obj["model"]), format="this project",
-                           model_args=dict(obj["model_args"]), model_name=obj.get("model_name"),
+                           model_args=_checked_model_args(obj["model_args"], path),
+                           model_name=obj.get("model_name"),
                            class_names=obj.get("class_names"))
         tensors = _unwrap(obj, path)
     return _to_project_names(tensors, path, container)
+
+
+def _model_arg_names() -> set[str]:
+    """The arguments VisionTransformer.model_args records (fused_attn is a speed switch)."""
+    return set(inspect.signature(VisionTransformer).parameters) - {"fused_attn"}
+
+
+def _checked_model_args(model_args: object, path: Path) -> dict:
+    """A checkpoint's model_args, if they are VisionTransformer's arguments by name."""
+    if isinstance(model_args, dict):
+        unknown = sorted(str(k) for k in model_args if k not in _model_arg_names())
+        if not unknown:
+            return dict(model_args)
+        what = f"names {_first(unknown)}, which are not arguments of the model"
+    else:
+        what = f"is a {type(model_args).__name__}, not a dict of the model's arguments"
+    raise WeightsError(f"{path} is a checkpoint whose model_args {what}; it was changed after "
+                       f"it was written. Use the file it was copied from, or train again.")
 
 
 # --------------------------------------------------------------------------- file containers
@@ -512,17 +530,25 @@ def describe_architecture(state_dict: dict[str, torch.Tensor]) -> str:
     if patch_weight is None or patch_weight.ndim != 4:
         return f"not a ViT in this project's names (keys like {_first(sorted(state_dict), 2)})"
     width, _, patch, _ = patch_weight.shape
-    depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
+    depth = _depth(state_dict)
     size = {192: "Ti", 384: "S", 768: "B", 1024: "L", 1280: "H"}.get(width, f"width-{width}")
     text = f"ViT-{size}/{patch} ({depth} blocks, width {width})"
     if "pos_embed" in state_dict:
-        grid = math.isqrt(state_dict["pos_embed"].shape[1] - 1)
-        text += f" at {grid * patch} px"
+        text += f" at {_grid_side(state_dict['pos_embed']) * patch} px"
     head = state_dict.get("head.weight")
     text += f", {head.shape[0]} classes" if head is not None else ", no head"
     if "pre_logits.fc.weight" in state_dict:
         text += ", pre-logits"
     return text
+
+
+def _depth(state_dict: dict[str, torch.Tensor]) -> int:
+    return len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
+
+
+def _grid_side(pos_embed: torch.Tensor) -> int:
+    """Patches per side of a (1, 1 + g*g, C) position embedding (the class token first)."""
+    return math.isqrt(pos_embed.shape[1] - 1)
 
 
 def head_is_zero(state_dict: dict[str, torch.Tensor]) -> bool:
@@ -613,9 +639,9 @@ def fit_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]
     old, new = state_dict.get("pos_embed"), target.get("pos_embed")
     if old is not None and new is not None and old.shape != new.shape and \
             old.shape[-1] == new.shape[-1]:
-        new_grid = math.isqrt(new.shape[1] - 1)
+        new_grid = _grid_side(new)
         state_dict["pos_embed"] = resample_pos_embed(old, new_grid)
-        old_grid = math.isqrt(old.shape[1] - 1)
+        old_grid = _grid_side(old)
         notes.append(f"resampled the position embedding from {old_grid}x{old_grid} to "
                      f"{new_grid}x{new_grid} (bicubic)")
 
@@ -667,13 +693,120 @@ def _first(keys: list[str], n: int = 3) -> str:
     return ", ".join(keys[:n]) + more
 
 
-def load_pretrained(model: nn.Module, path: str | Path) -> LoadReport:
-    """Load a weights file of any format into a model built for fine-tuning.
+# ------------------------------------------------------------------ the model for these weights
 
-    For Hugging Face files build the model with the file's layer_norm_eps
-    (``read_weights(path).model_args.get("layer_norm_eps")``) first.
+# VisionTransformer arguments that change what the same tensors compute but show in no
+# tensor's shape, so a model for a file that states them must take them: Hugging Face
+# files use layer_norm_eps 1e-12 where this project uses 1e-6 (the outputs drift slightly
+# otherwise), and num_heads decides how each block splits the width into heads.
+_STATED_ONLY = ("num_heads", "layer_norm_eps")
+# What a named model must share with a file for the file's tensors to fit it.
+_STRUCTURE = ("patch_size", "embed_dim", "depth")
+
+
+def implied_model_args(weights: Weights) -> dict:
+    """The VisionTransformer arguments a file implies: what its tensor shapes show (img_size,
+    patch_size, embed_dim, depth, num_classes, 0 without a head, representation_size) and
+    the num_heads / layer_norm_eps it states."""
+    state_dict = weights.state_dict
+    args = {}
+    patch = state_dict.get("patch_embed.proj.weight")
+    if patch is not None and patch.ndim == 4:
+        args["embed_dim"], args["patch_size"] = patch.shape[0], patch.shape[-1]
+        if "pos_embed" in state_dict:
+            args["img_size"] = _grid_side(state_dict["pos_embed"]) * patch.shape[-1]
+    if _depth(state_dict):
+        args["depth"] = _depth(state_dict)
+    head, pre_logits = state_dict.get("head.weight"), state_dict.get("pre_logits.fc.weight")
+    args["num_classes"] = head.shape[0] if head is not None else 0
+    args["representation_size"] = pre_logits.shape[0] if pre_logits is not None else None
+    return {**args, **_stated_args(weights)}
+
+
+def _stated_args(weights: Weights) -> dict:
+    return {key: weights.model_args[key] for key in _STATED_ONLY if key in weights.model_args}
+
+
+def build_model_for(weights: Weights, model_name: str, fine_tune: dict | None = None
+                    ) -> VisionTransformer:
+    """The model these weights need, built but not loaded.
+
+    This project's checkpoints (weights.complete_args) are rebuilt from their model_args as
+    they are. Other files get the named model at the file's resolution, with its head,
+    pre-logits and stated num_heads / layer_norm_eps (implied_model_args); the patch size,
+    width and depth stay the named model's, so a file of another architecture is an error
+    that names the model it needs, and the named model supplies what the file cannot say
+    (mlp_ratio; num_heads where the file does not state it).
+
+    To fine-tune, fine_tune holds the caller's constructor arguments (train.py: a new head,
+    its resolution, drop path): the named model takes those and the file's stated num_heads
+    / layer_norm_eps, and fit_state_dict adapts the file's head and position embedding.
     """
-    weights = read_weights(path)
-    state_dict, report = fit_state_dict(model, weights.state_dict)
-    model.load_state_dict(state_dict, strict=False)
-    return report
+    if fine_tune is not None:
+        try:
+            return create_model(model_name, **{**_stated_args(weights), **fine_tune})
+        except ValueError as err:  # an unknown name, or sizes that do not divide
+            raise UserError(str(err)) from None
+    if weights.complete_args:
+        try:
+            return VisionTransformer(**weights.model_args)
+        except (TypeError, ValueError) as err:
+            raise WeightsError(f"The checkpoint's model_args do not build a model ({err}); "
+                               f"they were changed after it was written.") from None
+    implied = implied_model_args(weights)
+    try:
+        return create_model(model_name, **{k: v for k, v in implied.items()
+                                           if k not in _STRUCTURE})
+    except ValueError as err:
+        if model_name not in list_models():
+            raise WeightsError(str(err)) from None
+        raise _misfit(weights, model_name) from None
+
+
+def load_model_for(weights: Weights, model_name: str) -> VisionTransformer:
+    """build_model_for, with the weights loaded with strict=True, in eval mode."""
+    model = build_model_for(weights, model_name)
+    try:
+        check_fits(weights.state_dict, model.state_dict())
+    except WeightsError as err:
+        if weights.complete_args:
+            raise
+        raise WeightsError(f"{err} {_fitting_models_hint(weights, model_name)}".strip()) from None
+    model.load_state_dict(weights.state_dict, strict=True)
+    return model.eval()
+
+
+def _misfit(weights: Weights, model_name: str) -> WeightsError:
+    """The error for a file whose patch grid the named model cannot be built for."""
+    named, implied = _registered_args(model_name), implied_model_args(weights)
+    patch = implied.get("patch_size")
+    grid = f", a {implied['img_size'] // patch}x{implied['img_size'] // patch} grid of " \
+        f"{patch} px patches" if "img_size" in implied else ""
+    return WeightsError(
+        f"The weights do not fit {model_name} (patch size {named['patch_size']}, width "
+        f"{named['embed_dim']}, {named['depth']} blocks, {named['num_heads']} heads): the file "
+        f"holds {describe_architecture(weights.state_dict)}{grid}. "
+        f"{_fitting_models_hint(weights, model_name)}".strip())
+
+
+def _registered_args(model_name: str) -> dict:
+    """A registered model's constructor arguments; built on the meta device, so no memory."""
+    with torch.device("meta"):
+        return create_model(model_name).model_args
+
+
+def _fitting_models_hint(weights: Weights, model_name: str) -> str:
+    """Which registered models have the file's patch size, width and depth, as advice."""
+    implied = implied_model_args(weights)
+    wanted = {key: implied.get(key) for key in _STRUCTURE}
+    if "num_heads" in implied:
+        wanted["num_heads"] = implied["num_heads"]
+    registered = {name: _registered_args(name) for name in list_models()}
+    fitting = [name for name, args in registered.items()
+               if all(args[key] == value for key, value in wanted.items())]
+    if model_name in fitting:
+        return ""
+    if fitting:
+        return f"{' and '.join(fitting)} would fit: pass --model-name {fitting[0]}."
+    return (f"No model of vit_model.py has the file's patch size {wanted['patch_size']}, "
+            f"width {wanted['embed_dim']} and {wanted['depth']} blocks.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from test_weights import (
+from weight_files import (
     TINY,
     assert_same_outputs,
     google_npz_arrays,

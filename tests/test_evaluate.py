@@ -134,3 +134,20 @@ def test_confusion_matrix_figure_is_a_figure():
     assert isinstance(fig, Figure)
     texts = sorted(t.get_text() for t in fig.axes[0].texts)
     assert texts == ["0", "1", "2", "3"]
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "malicious"])
+def test_bad_weights_are_blamed_before_the_missing_data_folder(kind, tmp_path, monkeypatch,
+                                                               capsys):
+    from weight_files import SideEffect, random_ours
+
+    monkeypatch.chdir(tmp_path)  # no ./flower_photos here, and no --data-path
+    weights, marker = tmp_path / "best.pth", tmp_path / "pwned"
+    if kind == "corrupt":
+        weights.write_bytes(b"PK\x03\x04" + bytes(200))
+    else:
+        torch.save({"model": random_ours().state_dict(), "extra": SideEffect(marker)}, weights)
+    rc, _, err = run_evaluate(["--weights", weights, "--device", "cpu"], capsys)
+    assert rc == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert str(weights) in err and "Data folder" not in err
+    assert not marker.exists()

@@ -273,3 +273,19 @@ def test_attention_figures_are_saved(trained, tmp_path, capsys):
     rc, _, err = run_predict([data / "roses", "--weights", ckpt, "--device", "cpu",
                               "--attention", tmp_path / "one.png"], capsys)
     assert rc == 2 and "pass a folder" in err
+
+
+@pytest.mark.parametrize("tamper", ["extra key", "a list"])
+def test_a_checkpoint_with_tampered_model_args_is_one_error_line(trained, tmp_path, capsys,
+                                                                 tamper):
+    data, ckpt = trained
+    checkpoint = torch.load(ckpt, weights_only=True)
+    model_args = checkpoint["model_args"]
+    checkpoint["model_args"] = ({**model_args, "evil": True} if tamper == "extra key"
+                                else list(model_args.items()))
+    tampered = tmp_path / "tampered.pth"
+    torch.save(checkpoint, tampered)
+    rc, out, err = run_predict([data / "roses" / "roses_0000.jpg", "--weights", tampered,
+                                "--device", "cpu"], capsys)
+    assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: {tampered} is a checkpoint whose model_args")

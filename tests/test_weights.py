@@ -16,65 +16,37 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from weight_files import (
+    HF_LAYOUTS,
+    TINY,
+    SideEffect,
+    assert_same_outputs,
+    google_npz_arrays,
+    hf_config,
+    hf_files,
+    images,
+    ours,
+    random_ours,
+    randomize_,
+    timm_vit,
+)
 
 from vit_model import VisionTransformer, create_model
 from weights import (
     LoadReport,
-    Weights,
     WeightsError,
+    build_model_for,
     describe_architecture,
     fit_state_dict,
     head_is_zero,
-    load_pretrained,
-    load_weights,
+    implied_model_args,
+    load_model_for,
     read_safetensors,
     read_weights,
     resample_pos_embed,
 )
 
-# A tiny ViT every library can build: 32 px, 8 px patches (4x4 grid), width 64, 2 blocks.
-TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
-
-
-def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Re-fill every parameter so a wrong mapping cannot hide behind default init."""
-    generator = torch.Generator().manual_seed(seed)
-    norm_weights = {id(m.weight) for m in module.modules() if isinstance(m, nn.LayerNorm)}
-    with torch.no_grad():
-        for param in module.parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            param.copy_(1.0 + 0.2 * noise if id(param) in norm_weights else 0.05 * noise)
-    return module.eval()
-
-
-def images(seed: int = 1, size: int = 32) -> torch.Tensor:
-    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def assert_same_outputs(ours: torch.Tensor, reference: torch.Tensor) -> None:
-    assert ours.shape == reference.shape
-    error = (ours - reference).abs().max() / reference.abs().max()
-    assert error < 1e-4, f"relative difference {error:.2e}"
-
-
-def ours(weights: Weights | dict, **kwargs) -> VisionTransformer:
-    """Our model with TINY + kwargs, loaded with strict=True, in eval mode."""
-    state_dict = weights.state_dict if isinstance(weights, Weights) else weights
-    model = VisionTransformer(**{**TINY, **kwargs})
-    model.load_state_dict(state_dict, strict=True)
-    return model.eval()
-
-
-def random_ours(seed: int = 0, **kwargs) -> VisionTransformer:
-    return randomize_(VisionTransformer(**{**TINY, "num_classes": 10, **kwargs}), seed)
-
-
 # --------------------------------------------------------------------------- timm
-
-def timm_vit(**kwargs) -> nn.Module:
-    from timm.models.vision_transformer import VisionTransformer as TimmViT
-    return TimmViT(**{**TINY, "global_pool": "token", **kwargs})
-
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_timm_file_gives_timm_logits(tmp_path, suffix):
@@ -209,7 +181,7 @@ def test_wrappers_are_unwrapped(tmp_path, kind):
     path = tmp_path / "wrapped.pth"
     torch.save(wrapped, path)
 
-    state_dict = load_weights(path)
+    state_dict = read_weights(path).state_dict
 
     assert list(state_dict) == list(source.state_dict())
     assert all(torch.equal(state_dict[k], v) for k, v in source.state_dict().items())
@@ -267,45 +239,11 @@ def test_torchvision_gives_torchvision_logits(tmp_path, variant):
 
 # --------------------------------------------------------------------------- Hugging Face
 
-def hf_config(**kwargs):
-    import transformers
-    return transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=256, image_size=32, patch_size=8,
-                                  attn_implementation="eager", **kwargs)
-
-
-def _hf_files(reference: nn.Module, tmp_path, layout: str):
-    """Save a Hugging Face model the ways people have it; return the path to pass."""
-    folder = tmp_path / "hf"
-    reference.save_pretrained(folder)
-    if layout == "folder":
-        return folder
-    if layout == "model.safetensors":
-        return folder / "model.safetensors"
-    # transformers < 5 wrote torch.save(state_dict) with the names on the hub
-    # (safe_serialization=False); transformers 5 saves safetensors only.
-    from safetensors.torch import load_file
-    bin_folder = tmp_path / "hf_bin"
-    bin_folder.mkdir()
-    shutil.copy(folder / "config.json", bin_folder / "config.json")
-    if layout == "pytorch_model.bin folder":
-        torch.save(load_file(folder / "model.safetensors"), bin_folder / "pytorch_model.bin")
-        return bin_folder
-    if layout == "transformers 5 state_dict()":  # its in-memory names: layers.i.attention.q_proj
-        torch.save(reference.state_dict(), bin_folder / "pytorch_model.bin")
-        return bin_folder / "pytorch_model.bin"
-    raise AssertionError(layout)
-
-
-HF_LAYOUTS = ["folder", "model.safetensors", "pytorch_model.bin folder",
-              "transformers 5 state_dict()"]
-
-
 @pytest.mark.parametrize("layout", HF_LAYOUTS)
 def test_hugging_face_vitmodel_pooler_is_our_pre_logits(tmp_path, layout):
     import transformers
     reference = randomize_(transformers.ViTModel(hf_config()))
-    path = _hf_files(reference, tmp_path, layout)
+    path = hf_files(reference, tmp_path, layout)
 
     weights = read_weights(path)
 
@@ -332,7 +270,7 @@ def test_hugging_face_classifier_gives_its_logits(tmp_path, layout):
     config = hf_config(num_labels=3, id2label=dict(enumerate(labels)),
                        label2id={name: i for i, name in enumerate(labels)})
     reference = randomize_(transformers.ViTForImageClassification(config))
-    path = _hf_files(reference, tmp_path, layout)
+    path = hf_files(reference, tmp_path, layout)
 
     weights = read_weights(path)
 
@@ -347,7 +285,7 @@ def test_hugging_face_classifier_gives_its_logits(tmp_path, layout):
 def test_hugging_face_file_without_config_assumes_its_eps(tmp_path):
     import transformers
     reference = randomize_(transformers.ViTForImageClassification(hf_config(num_labels=3)))
-    path = _hf_files(reference, tmp_path, "model.safetensors")
+    path = hf_files(reference, tmp_path, "model.safetensors")
     lonely = tmp_path / "lonely.safetensors"
     shutil.copy(path, lonely)
     weights = read_weights(lonely)
@@ -365,48 +303,6 @@ def test_hugging_face_config_with_another_activation_is_refused(tmp_path):
 
 
 # --------------------------------------------------------------------------- Google .npz
-
-def google_npz_arrays(state_dict: dict[str, torch.Tensor], num_heads: int) -> dict:
-    """Our state dict in the layout of Google's ViT-B_16.npz (REFERENCE.md's table)."""
-    def a(tensor):
-        return tensor.detach().numpy().copy()
-
-    width = state_dict["cls_token"].shape[-1]
-    head_dim = width // num_heads
-    out = {
-        "cls": a(state_dict["cls_token"]),
-        "embedding/kernel": a(state_dict["patch_embed.proj.weight"].permute(2, 3, 1, 0)),  # HWIO
-        "embedding/bias": a(state_dict["patch_embed.proj.bias"]),
-        "Transformer/posembed_input/pos_embedding": a(state_dict["pos_embed"]),
-        "Transformer/encoder_norm/scale": a(state_dict["norm.weight"]),
-        "Transformer/encoder_norm/bias": a(state_dict["norm.bias"]),
-    }
-    depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
-    for i in range(depth):
-        ours_, theirs = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
-        attention = theirs + "MultiHeadDotProductAttention_1/"
-        qkv_weight = state_dict[ours_ + "attn.qkv.weight"].chunk(3)
-        qkv_bias = state_dict[ours_ + "attn.qkv.bias"].chunk(3)
-        for name, weight, bias in zip(("query", "key", "value"), qkv_weight, qkv_bias,
-                                      strict=True):
-            out[f"{attention}{name}/kernel"] = a(weight.t().reshape(width, num_heads, head_dim))
-            out[f"{attention}{name}/bias"] = a(bias.reshape(num_heads, head_dim))
-        out[f"{attention}out/kernel"] = a(
-            state_dict[ours_ + "attn.proj.weight"].t().reshape(num_heads, head_dim, width))
-        out[f"{attention}out/bias"] = a(state_dict[ours_ + "attn.proj.bias"])
-        for google, mine in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
-            out[f"{theirs}{google}/scale"] = a(state_dict[f"{ours_}{mine}.weight"])
-            out[f"{theirs}{google}/bias"] = a(state_dict[f"{ours_}{mine}.bias"])
-        for google, mine in (("Dense_0", "fc1"), ("Dense_1", "fc2")):
-            out[f"{theirs}MlpBlock_3/{google}/kernel"] = a(
-                state_dict[f"{ours_}mlp.{mine}.weight"].t())
-            out[f"{theirs}MlpBlock_3/{google}/bias"] = a(state_dict[f"{ours_}mlp.{mine}.bias"])
-    for google, mine in (("pre_logits", "pre_logits.fc"), ("head", "head")):
-        if f"{mine}.weight" in state_dict:
-            out[f"{google}/kernel"] = a(state_dict[f"{mine}.weight"].t())
-            out[f"{google}/bias"] = a(state_dict[f"{mine}.bias"])
-    return out
-
 
 @pytest.mark.parametrize("pre_logits", [False, True], ids=["augreg", "in21k-pre-logits"])
 @pytest.mark.parametrize("prefix", ["", "opt/target/"])
@@ -477,11 +373,12 @@ def test_resample_keeps_a_smooth_grid_smooth():
     assert torch.allclose(rows, rows[:1].expand(8, 8))
 
 
-def test_load_pretrained_reports_resampling(tmp_path):
+def test_fit_reports_resampling(tmp_path):
     path = tmp_path / "small.pth"
     torch.save(random_ours().state_dict(), path)
     model = VisionTransformer(**{**TINY, "img_size": 48}, num_classes=10)
-    report = load_pretrained(model, path)
+    state_dict, report = fit_state_dict(model, read_weights(path).state_dict)
+    model.load_state_dict(state_dict, strict=False)
     assert isinstance(report, LoadReport)
     assert "from 4x4 to 6x6" in str(report)
     assert model.pos_embed.shape == (1, 37, 64)
@@ -536,16 +433,6 @@ def test_describe_architecture():
 
 
 # --------------------------------------------------------------------------- safety
-
-class SideEffect:
-    """Unpickling this creates a file: what a malicious checkpoint would do."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
 
 @pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy-pickle"])
 def test_a_pickle_that_runs_code_is_refused_unrun(tmp_path, zip_format):
@@ -643,3 +530,112 @@ def test_missing_and_unknown_files(tmp_path):
         read_weights(text)
     with pytest.raises(WeightsError, match="without model.safetensors"):
         read_weights(tmp_path)
+
+
+# --------------------------------------------------------------------------- the model for a file
+
+def assert_same_model(model: VisionTransformer, source: VisionTransformer) -> None:
+    assert model.model_args == source.model_args
+    x = images(size=source.model_args["img_size"])
+    with torch.no_grad():
+        assert_same_outputs(model(x), source(x))
+
+
+def test_this_projects_checkpoint_rebuilds_from_its_model_args(tmp_path):
+    source = random_ours(num_classes=3, img_size=48, layer_norm_eps=1e-5)
+    path = tmp_path / "best.pth"
+    torch.save({"model": source.state_dict(), "model_args": source.model_args,
+                "model_name": "vit_tiny", "class_names": ["a", "b", "c"]}, path)
+    weights = read_weights(path)
+
+    assert weights.complete_args
+    implied = implied_model_args(weights)
+    assert implied == {**TINY, "img_size": 48, "num_classes": 3, "representation_size": None,
+                       "layer_norm_eps": 1e-5}
+    assert implied.items() <= weights.model_args.items()
+    # The stored arguments as they are: the model name cannot change them.
+    assert_same_model(load_model_for(weights, "vit_base_patch16_224_in21k"), source)
+
+
+def test_timm_state_dict_implies_its_shapes_only(tmp_path):
+    path = tmp_path / "timm.safetensors"
+    from safetensors.torch import save_file
+    save_file(randomize_(timm_vit(num_classes=7)).state_dict(), path)
+    weights = read_weights(path)
+
+    assert not weights.complete_args
+    implied = implied_model_args(weights)
+    assert implied == {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2,
+                       "num_classes": 7, "representation_size": None}
+
+
+def test_pre_logits_and_another_resolution_are_implied(tmp_path):
+    source = randomize_(create_model("vit_demo_patch8_64", img_size=56, num_classes=5,
+                                     has_logits=True))
+    path = tmp_path / "demo56.pth"
+    torch.save(source.state_dict(), path)
+    weights = read_weights(path)
+
+    implied = implied_model_args(weights)
+    assert (implied["img_size"], implied["representation_size"], implied["num_classes"]) == (
+        56, 128, 5)
+    assert_same_model(load_model_for(weights, "vit_demo_patch8_64"), source)
+
+
+def test_a_file_of_another_architecture_names_the_model_that_fits(tmp_path):
+    """A demo file at 56 px and the default ViT-B/16: not '56 is not a multiple of 16'."""
+    path = tmp_path / "demo56.pth"
+    torch.save(create_model("vit_demo_patch8_64", img_size=56, num_classes=5).state_dict(), path)
+    weights = read_weights(path)
+
+    with pytest.raises(WeightsError) as error:
+        load_model_for(weights, "vit_base_patch16_224_in21k")
+    message = str(error.value)
+    assert "vit_base_patch16_224_in21k (patch size 16, width 768, 12 blocks" in message
+    assert "7x7 grid of 8 px patches" in message
+    assert message.endswith("pass --model-name vit_demo_patch8_64.")
+    assert "multiple" not in message and "\n" not in message
+
+    # A grid the named model can be built for: the shapes differ, the advice is the same.
+    torch.save(create_model("vit_demo_patch8_64", num_classes=5).state_dict(), path)
+    with pytest.raises(WeightsError, match="pass --model-name vit_demo_patch8_64.$"):
+        load_model_for(read_weights(path), "vit_small_patch16_224")
+
+
+def test_hugging_face_states_its_eps_and_heads(tmp_path):
+    import transformers
+    reference = randomize_(transformers.ViTForImageClassification(hf_config(num_labels=3)))
+    weights = read_weights(hf_files(reference, tmp_path, "folder"))
+
+    implied = implied_model_args(weights)
+    assert (implied["layer_norm_eps"], implied["num_heads"]) == (1e-12, 4)
+    assert not weights.complete_args  # config.json does not say drop rates and the like
+    model = build_model_for(weights, "vit_tiny_patch16_224",
+                            fine_tune={"num_classes": 5, "has_logits": False})
+    # Fine-tuning keeps the named model's shapes and takes what the file states.
+    assert model.model_args["layer_norm_eps"] == 1e-12 and model.model_args["num_heads"] == 4
+    assert model.model_args["embed_dim"] == 192 and model.model_args["num_classes"] == 5
+
+
+def test_google_npz_states_its_heads(tmp_path):
+    path = tmp_path / "ViT-Ti_8.npz"
+    np.savez(path, **google_npz_arrays(random_ours().state_dict(), 4))
+    assert implied_model_args(read_weights(path))["num_heads"] == 4
+
+
+TAMPERED_MODEL_ARGS = {
+    "a list": (lambda args: list(args.items()), "model_args is a list, not a dict"),
+    "text": (lambda args: "depth=2", "model_args is a str, not a dict"),
+    "a foreign key": (lambda args: {**args, "evil": 1}, "names evil, which are not arguments"),
+    "a broken value": (lambda args: {**args, "depth": "two"}, "model_args do not build a model"),
+}
+
+
+@pytest.mark.parametrize("tamper", TAMPERED_MODEL_ARGS)
+def test_a_checkpoint_with_tampered_model_args_is_refused(tmp_path, tamper):
+    change, message = TAMPERED_MODEL_ARGS[tamper]
+    source = random_ours()
+    path = tmp_path / "best.pth"
+    torch.save({"model": source.state_dict(), "model_args": change(source.model_args)}, path)
+    with pytest.raises(WeightsError, match=message):
+        load_model_for(read_weights(path), "vit_tiny_patch16_224")
