@@ -20,10 +20,10 @@ import math
 import sys
 from pathlib import Path
 
-from utils import save_checkpoint
-from vit_model import VisionTransformer, create_model
+from checkpoints import Checkpoint, save_checkpoint
 from cli import run_main
 from errors import WeightsError
+from vit_model import VisionTransformer, create_model
 from weights import Weights, check_fits, describe_architecture, read_weights
 
 
@@ -64,9 +64,9 @@ def run(args: argparse.Namespace) -> int:
         model = build_matching_model(weights, args.model_name)
         check_fits(state_dict, model.state_dict())
         model.load_state_dict(state_dict, strict=True)
-        output = {"model": state_dict, "model_args": model.model_args,
-                  "model_name": args.model_name, "class_names": weights.class_names,
-                  "source_format": weights.format}
+        output = Checkpoint(model=state_dict, model_args=model.model_args,
+                            model_name=args.model_name, class_names=weights.class_names,
+                            source_format=weights.format)
     else:
         output = state_dict
     save_checkpoint(output, Path(args.dst))

@@ -26,11 +26,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from my_dataset import MEAN, STD, MyDataSet, build_transforms, check_image, is_image_file, open_rgb
+from checkpoints import CLASS_INDICES_FILE, find_checkpoint
 from cli import add_device_flag, add_weights_flags, run_main
 from errors import UserError
-from utils import find_checkpoint, read_class_indices, select_device
-from vit_model import VisionTransformer, create_model, list_models
+from my_dataset import MEAN, STD, MyDataSet, build_transforms, check_image, is_image_file, open_rgb
+from utils import read_class_indices, select_device
+from vit_model import VisionTransformer, create_model
 from weights import head_is_zero, read_weights
 
 MAX_GRID = 64  # images in one --save-fig grid; beyond that the pictures become stamps
@@ -126,7 +127,7 @@ def load_classifier(weights_path: Path, class_indices: str | None = None,
     class_names = weights.class_names
     if class_names is None:
         candidates = [Path(class_indices)] if class_indices else [
-            weights_path.parent / "class_indices.json", Path("class_indices.json")]
+            weights_path.parent / CLASS_INDICES_FILE, Path(CLASS_INDICES_FILE)]
         found = next((p for p in candidates if p.is_file()), None)
         if found is None:
             raise UserError(f"{weights_path} does not name its classes and no "
