@@ -37,7 +37,7 @@ from checkpoints import (
     save_checkpoint,
     training_state,
 )
-from cli import add_device_flag, run_main
+from cli import DEFAULT_MODEL, add_device_flag, run_main
 from cuda_graphs import CudaGraphModel, use_cuda_graphs
 from demo_data import make_demo_flowers
 from distributed import Distributed, ShardSampler, barrier, init_distributed, shut_down
@@ -90,7 +90,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-path", default="./flower_photos",
                         help="folder with one sub-folder of images per class "
                              "(default: %(default)s)")
-    parser.add_argument("--model-name", default="vit_base_patch16_224_in21k",
+    parser.add_argument("--model-name", default=DEFAULT_MODEL,
                         choices=list_models(), metavar="NAME",
                         help=f"architecture (default: %(default)s), one of: "
                              f"{', '.join(list_models())}")
@@ -127,6 +127,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--demo", action="store_true",
                         help="offline demo: generate synthetic flowers and train a small ViT")
 
+    add_speed_options(parser)
+    add_run_options(parser)
+    add_recipe_options(parser)
+    return parser
+
+
+def add_speed_options(parser: argparse.ArgumentParser) -> None:
     speed = parser.add_argument_group("speed (each on where it helps; --no-X turns it off)")
     speed.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                        help="mixed precision: bfloat16 where the GPU has it, else float16 with "
@@ -149,6 +156,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                        default=True, help="with a frozen backbone, compute the validation "
                                           "features once and run only the head afterwards")
 
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
     runs = parser.add_argument_group("never lose a run")
     runs.add_argument("--resume", default=None, metavar="CKPT",
                       help="continue from a model-*.pth; 'auto' takes the newest in "
@@ -157,6 +166,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="keep only the newest N epoch checkpoints besides best.pth "
                            "(default: all, as the report)")
 
+
+def add_recipe_options(parser: argparse.ArgumentParser) -> None:
     recipe = parser.add_argument_group("the paper's recipe, as options (defaults: the report's)")
     recipe.add_argument("--opt", choices=("sgd", "adamw"), default="sgd",
                         help="default: %(default)s")
@@ -176,7 +187,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                         help="random crops and flips for training (--no-augment: the "
                              "evaluation transform only)")
-    return parser
 
 
 def given_options(argv: list[str] | None) -> set[str]:
