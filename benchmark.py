@@ -49,12 +49,13 @@ import torch
 from PIL import Image
 from torch import nn
 
+from checkpoints import newest_epoch_checkpoint, peek_checkpoint
 from cli import run_main
 from demo_data import draw_image
 from download import FLOWER_CLASS_COUNTS
 from errors import UserError
 from my_dataset import MyDataSet, build_transforms
-from utils import epoch_checkpoints, peek_checkpoint, read_split_data
+from utils import read_split_data
 from vit_model import create_model, list_models
 
 STANDIN_SIZE = (500, 375)  # width, height: flower_photos' most common size
@@ -570,45 +571,32 @@ def run_loop(args: argparse.Namespace, device: torch.device, dtype: torch.dtype 
 
 
 def train_py_argv(args: argparse.Namespace, device: torch.device, root: Path, out: Path,
-                  frozen: bool, notes: list[str], extra: tuple[str, ...] = ()) -> list[str]:
-    """train.py's command line for this run, with only the flags its parser has today."""
-    import train
-
-    options = train.get_args_parser()._option_string_actions
+                  frozen: bool, extra: tuple[str, ...] = ()) -> list[str]:
+    """train.py's command line for this run."""
     argv = ["--data-path", str(root), "--model-name", args.e2e_model, "--weights", "",
             "--batch-size", str(args.e2e_batch_size), "--epochs", str(args.e2e_epochs),
             "--workers", str(args.workers), "--device", str(device),
             "--output-dir", str(out / "weights"), "--log-dir", str(out / "runs"),
             "--freeze-layers" if frozen else "--no-freeze-layers"]
-    wanted = []
-    if device.type == "cuda" and args.dtype != "fp32":
-        wanted.append(("--amp", "autocast"))
-    elif "--no-amp" in options:
-        argv.append("--no-amp")  # float32 on both sides
+    # Autocast on both sides, or float32 on both sides.
+    argv.append("--amp" if device.type == "cuda" and args.dtype != "fp32" else "--no-amp")
     if args.e2e_device_data:
-        wanted.append(("--device-data", "the device data pipeline"))
+        argv.append("--device-data")
     if args.e2e_compile:
-        wanted.append(("--compile", "torch.compile"))
-    for flag, what in wanted:
-        if flag in options:
-            argv.append(flag)
-        else:
-            notes.append(f"train.py has no {flag} yet: ran without {what}.")
+        argv.append("--compile")
     # The reference saves nothing; train.py saves every epoch, and its time counts.
-    if "--keep" in options:
-        argv += ["--keep", "1"]
-    return argv + list(extra)
+    return argv + ["--keep", "1"] + list(extra)
 
 
 def run_train_py(args: argparse.Namespace, device: torch.device, root: Path, frozen: bool,
                  log: Path, notes: list[str], extra: tuple[str, ...] = ()) -> dict:
     """train.main in this process, its output appended to `log`; wall-clock seconds, and
-    the last epoch's training-phase speed from its checkpoint (the rest of an epoch is
-    validation, checkpointing and logging)."""
+    from its last checkpoint the best validation accuracy and the last epoch's
+    training-phase speed (the rest of an epoch is validation, checkpointing and logging)."""
     import train
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
-        argv = train_py_argv(args, device, root, Path(tmp), frozen, notes, extra)
+        argv = train_py_argv(args, device, root, Path(tmp), frozen, extra)
         captured = io.StringIO()
         start = time.perf_counter()
         with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
@@ -618,14 +606,13 @@ def run_train_py(args: argparse.Namespace, device: torch.device, root: Path, fro
                 status = exit_.code if isinstance(exit_.code, int) else 1
         sync(device)
         seconds = time.perf_counter() - start
-        saved = epoch_checkpoints(Path(tmp) / "weights")
-        metrics = (peek_checkpoint(saved[-1][1]) or {}).get("metrics", {}) if saved else {}
+        last = newest_epoch_checkpoint(Path(tmp) / "weights")
+        checkpoint = peek_checkpoint(last) if last is not None else None
+        metrics = checkpoint.metrics if checkpoint is not None else {}
+        # The best validation accuracy of a finished run, as train.py's last line prints it.
+        accuracy = checkpoint.best_acc if checkpoint is not None and status == 0 else None
     with log.open("a") as handle:
         handle.write(f"$ python train.py {' '.join(argv)}\n{captured.getvalue()}\n")
-    accuracy = None
-    for line in captured.getvalue().splitlines():
-        if line.startswith("Best validation accuracy"):
-            accuracy = float(line.split()[3].rstrip(";"))
     if status != 0:
         tail = captured.getvalue().strip().splitlines()[-3:]
         notes.append(f"train.py exited with {status}: {' | '.join(tail)}")
@@ -734,9 +721,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--e2e-scale", type=float, default=1.0,
                         help="fraction of flower_photos' 3670 images in the stand-in")
     parser.add_argument("--e2e-device-data", action=argparse.BooleanOptionalAction,
-                        default=True, help="pass --device-data to train.py when it has it")
+                        default=True, help="pass --device-data to train.py")
     parser.add_argument("--e2e-compile", action="store_true",
-                        help="pass --compile to train.py when it has it")
+                        help="pass --compile to train.py")
     parser.add_argument("--e2e-variants", default="",
                         help="';'-separated sets of extra train.py flags, one more train.py "
                              "run each; give it with '=': --e2e-variants='--no-cuda-graphs'")

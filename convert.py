@@ -19,8 +19,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from checkpoints import Checkpoint, save_checkpoint
 from cli import run_main
-from utils import save_checkpoint
 from weights import describe_architecture, load_model_for, read_weights
 
 
@@ -39,9 +39,9 @@ def run(args: argparse.Namespace) -> int:
     state_dict = weights.state_dict
     if args.model_name:
         model = load_model_for(weights, args.model_name)
-        output = {"model": state_dict, "model_args": model.model_args,
-                  "model_name": args.model_name, "class_names": weights.class_names,
-                  "source_format": weights.format}
+        output = Checkpoint(model=state_dict, model_args=model.model_args,
+                            model_name=args.model_name, class_names=weights.class_names,
+                            source_format=weights.format)
     else:
         output = state_dict
     save_checkpoint(output, Path(args.dst))

@@ -26,10 +26,11 @@ from pathlib import Path
 
 import torch
 
+from checkpoints import read_train_args
 from cli import add_device_flag, add_weights_flags, run_main
 from errors import UserError
 from predict import load_classifier, predict_probs, resolve_weights
-from utils import peek_checkpoint, read_split_data, select_device
+from utils import read_split_data, select_device
 from visualize import (
     confusion_matrix,
     per_class_metrics,
@@ -60,15 +61,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="image-loading processes (default: up to 4)")
     add_device_flag(parser)
     return parser
-
-
-def read_checkpoint_args(path: Path) -> dict:
-    """The "args" train.py stored in a checkpoint; {} for files without them.
-
-    Cheap even for ViT-B (peek_checkpoint); read_weights reports any problem with the file.
-    """
-    args = (peek_checkpoint(path) or {}).get("args")
-    return dict(args) if isinstance(args, dict) else {}
 
 
 @dataclass
@@ -159,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     # The weights first: a broken file is the problem to report even when the data folder
     # it names is missing too.
     model, class_names = load_classifier(weights_path, args.class_indices, args.model_name)
-    trained_with = read_checkpoint_args(weights_path)
+    trained_with = read_train_args(weights_path)  # cheap even for ViT-B
     settings = {}
     for key, default in TRAIN_DEFAULTS.items():
         given = getattr(args, key)

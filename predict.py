@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from checkpoints import CLASS_INDICES_FILE, find_checkpoint
 from cli import DEFAULT_MODEL, add_device_flag, add_weights_flags, run_main
 from errors import UserError
 from my_dataset import (
@@ -38,7 +39,7 @@ from my_dataset import (
     is_image_file,
     open_rgb,
 )
-from utils import find_checkpoint, read_class_indices, select_device
+from utils import read_class_indices, select_device
 from vit_model import VisionTransformer
 from weights import head_is_zero, load_model_for, read_weights
 
@@ -151,7 +152,7 @@ def _class_names_for(weights_path: Path, class_indices: str | None) -> list[str]
     else in the current folder."""
     beside = weights_path if weights_path.is_dir() else weights_path.parent
     candidates = ([Path(class_indices)] if class_indices
-                  else [beside / "class_indices.json", Path("class_indices.json")])
+                  else [beside / CLASS_INDICES_FILE, Path(CLASS_INDICES_FILE)])
     found = next((p for p in candidates if p.is_file()), None)
     if found is None:
         raise UserError(f"{weights_path} does not name its classes and no "

@@ -31,10 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import train
+from checkpoints import BEST_FILE, epoch_file, read_progress
 from cli import run_main
 from demo_data import make_demo_flowers
 from errors import ProjectError, UserError
-from utils import peek_checkpoint
 
 
 @dataclass(frozen=True)
@@ -109,20 +109,12 @@ def quick_settings() -> list[str]:
             "--batch-size", str(demo["batch_size"]), "--lr", str(demo["lr"])]
 
 
-def load_progress(path: Path) -> tuple[int, dict] | None:
-    """(epoch, metrics) of a checkpoint, cheaply (peek_checkpoint); None if it has none."""
-    checkpoint = peek_checkpoint(path)
-    if checkpoint is None or not isinstance(checkpoint.get("metrics"), dict):
-        return None
-    return int(checkpoint.get("epoch", -1)), checkpoint["metrics"]
-
-
 def train_once(label: str, argv: list[str]) -> Path:
     """train.main(argv) unless that run already finished; returns its checkpoint folder."""
     settings = train.get_args_parser().parse_args(argv)  # what train.py will see, `--` included
     weights_dir = Path(settings.output_dir)
-    if (weights_dir / f"model-{settings.epochs - 1}.pth").is_file() and (
-            weights_dir / "best.pth").is_file():
+    if (weights_dir / epoch_file(settings.epochs - 1)).is_file() and (
+            weights_dir / BEST_FILE).is_file():
         print(f"{label}: already trained in {weights_dir} (delete it to train again).")
         return weights_dir
     print(f"{label}: python train.py {' '.join(repr(a) if not a else a for a in argv)}",
@@ -152,12 +144,12 @@ class Result:
 
 
 def read_result(run: Run, weights_dir: Path, epochs: int) -> Result:
-    best = load_progress(weights_dir / "best.pth")
+    best = read_progress(weights_dir / BEST_FILE)
     if best is None or "val_acc" not in best[1]:
-        raise UserError(f"{weights_dir / 'best.pth'} is missing or has no metrics.")
+        raise UserError(f"{weights_dir / BEST_FILE} is missing or has no metrics.")
     curve = {}
     for epoch in range(epochs):
-        progress = load_progress(weights_dir / f"model-{epoch}.pth")
+        progress = read_progress(weights_dir / epoch_file(epoch))
         if progress is not None:  # train.py --keep N deletes the older ones
             curve[epoch + 1] = progress[1]["val_acc"]
     return Result(run, best[1]["val_acc"], best[0] + 1, curve, epochs)
@@ -220,7 +212,7 @@ def run_all(args: argparse.Namespace, extra: list[str], command: str) -> int:
             "--epochs", str(scaled(QUICK_EPOCHS["pretrain"], args.epochs_scale)),
             "--output-dir", str(weights_dir), "--log-dir", str(log_dir), "--resume", "auto",
             *common, *extra])
-        pretrained = str(pretrain_dir / "best.pth")
+        pretrained = str(pretrain_dir / BEST_FILE)
     else:
         args.data_path = args.data_path or "./flower_photos"
         if not Path(args.data_path).is_dir():

@@ -12,33 +12,46 @@ import argparse
 import contextlib
 import functools
 import os
-import random
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
+from checkpoints import (
+    BEST_FILE,
+    CLASS_INDICES_FILE,
+    INTERRUPTED_FILE,
+    Checkpoint,
+    CheckpointWriter,
+    epoch_file,
+    load_resumable,
+    make_checkpoint,
+    newest_epoch_checkpoint,
+    prune_checkpoints,
+    restore_training_state,
+    save_checkpoint,
+    training_state,
+)
 from cli import add_device_flag, add_model_name_flag, run_main
+from cuda_graphs import CudaGraphModel, use_cuda_graphs
 from demo_data import make_demo_flowers
+from distributed import Distributed, ShardSampler, barrier, init_distributed, shut_down
 from download import WEIGHTS_FILE
 from errors import UserError
 from my_dataset import MyDataSet, build_transforms
 from utils import (
-    CheckpointWriter,
-    CudaGraphModel,
-    Distributed,
-    ShardSampler,
+    EpochStats,
+    FeatureCache,
     Split,
     StepSettings,
-    epoch_checkpoints,
     evaluate,
-    init_distributed,
     lr_lambda,
-    prune_checkpoints,
     read_split_data,
-    save_checkpoint,
     select_device,
     train_one_epoch,
     write_class_indices,
@@ -112,6 +125,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--demo", action="store_true",
                         help="offline demo: generate synthetic flowers and train a small ViT")
 
+    add_speed_options(parser)
+    add_run_options(parser)
+    add_recipe_options(parser)
+    return parser
+
+
+def add_speed_options(parser: argparse.ArgumentParser) -> None:
     speed = parser.add_argument_group("speed (each on where it helps; --no-X turns it off)")
     speed.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                        help="mixed precision: bfloat16 where the GPU has it, else float16 with "
@@ -134,6 +154,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                        default=True, help="with a frozen backbone, compute the validation "
                                           "features once and run only the head afterwards")
 
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
     runs = parser.add_argument_group("never lose a run")
     runs.add_argument("--resume", default=None, metavar="CKPT",
                       help="continue from a model-*.pth; 'auto' takes the newest in "
@@ -142,6 +164,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="keep only the newest N epoch checkpoints besides best.pth "
                            "(default: all, as the report)")
 
+
+def add_recipe_options(parser: argparse.ArgumentParser) -> None:
     recipe = parser.add_argument_group("the paper's recipe, as options (defaults: the report's)")
     recipe.add_argument("--opt", choices=("sgd", "adamw"), default="sgd",
                         help="default: %(default)s")
@@ -161,7 +185,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                         help="random crops and flips for training (--no-augment: the "
                              "evaluation transform only)")
-    return parser
 
 
 def given_options(argv: list[str] | None) -> set[str]:
@@ -182,11 +205,171 @@ def apply_demo_settings(args: argparse.Namespace, given: set[str]) -> None:
         make_demo_flowers(DEMO_DATA)
 
 
+# --------------------------------------------------------------------------- the run
+
+def train(args: argparse.Namespace) -> int:
+    """The run, stage by stage; each stage is a function below, in this order."""
+    check_args(args)
+    setup = set_up(args)
+    split = read_data(args, setup)
+    resume = read_resume(args, setup.log)
+    model = build_or_resume_model(args, split, resume, setup)
+    train_loader, val_loader = build_loaders(args, split, model, setup)
+    optimisation = build_optimisation(args, model, setup, resumed=resume is not None)
+    progress = start_or_resume(args, resume, optimisation)
+    del resume  # its tensors are in the model and the optimizer now; free the copies
+    wrappers = wrap_for_training(model, args, setup, optimisation.settings)
+    outputs = RunOutputs(args, split, progress.log_dir) if setup.dist_info.is_main else None
+    return run_epochs(args, setup, split, wrappers, (train_loader, val_loader), optimisation,
+                      progress, outputs)
+
+
+# --------------------------------------------------------------------------- set-up
+
+@dataclass
+class Setup:
+    """Where this process runs and whether it speaks: only rank 0 prints."""
+
+    device: torch.device
+    dist_info: Distributed
+    log: Callable[..., None]
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or args.accum_steps < 1:
+        raise UserError("--epochs, --batch-size and --accum-steps must be at least 1 and --lr "
+                        "positive.")
+
+
+def set_up(args: argparse.Namespace) -> Setup:
+    """The device, the torchrun group, --download, the CUDA switches and the seed."""
+    device = select_device(args.device)
+    dist_info = init_distributed(device)
+    if dist_info.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
+    log = print if dist_info.is_main else (lambda *a, **k: None)
+    if args.download:
+        if dist_info.is_main:
+            fetch_missing(args, log)
+        barrier(dist_info)  # the other ranks wait for rank 0's download
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: pick the fastest conv once
+        if args.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(args.seed)
+    return Setup(device, dist_info, log)
+
+
+def fetch_missing(args: argparse.Namespace, log=print) -> None:
+    """--download: get flower_photos and the weights where the paths name them but hold nothing."""
+    import download  # the URLs are read here, at call time, so a mirror can be set
+
+    data = Path(args.data_path)
+    if not data.exists():
+        if data.name != "flower_photos":
+            raise UserError(f"--download fetches flower_photos; {data} names another folder.")
+        data.parent.mkdir(parents=True, exist_ok=True)
+        log(f"Downloading flower_photos to {data} ...")
+        download.download_flowers(data.parent, download.FLOWERS_URL,
+                                  download.FLOWER_CLASS_COUNTS)
+    if args.weights and not Path(args.weights).exists():
+        fmt = "npz" if args.weights.endswith(".npz") else "pth"
+        log(f"Downloading the ImageNet-21k ViT-B/16 weights to {args.weights} ...")
+        download.download_weights(fmt, Path(args.weights), download.WEIGHTS[fmt].url)
+
+
+# --------------------------------------------------------------------------- data
+
+def read_data(args: argparse.Namespace, setup: Setup) -> Split:
+    """The split of --data-path, with the counts printed and the classes checked."""
+    log = setup.log
+    split = read_split_data(args.data_path, args.val_rate, args.seed, warn=log)
+    log(f"{split.num_images} images were found in the dataset.")
+    log(f"{len(split.train_images)} images for training.")
+    log(f"{len(split.val_images)} images for validation.")
+    if split.skipped:
+        log(f"{len(split.skipped)} unreadable files were skipped.")
+    if not split.train_images or not split.val_images:
+        raise UserError(f"{args.data_path} gives {len(split.train_images)} training and "
+                        f"{len(split.val_images)} validation images; both need at least one "
+                        f"(add images or change --val-rate).")
+    num_classes = len(split.class_names)
+    if args.num_classes is not None and args.num_classes != num_classes:
+        raise UserError(f"--num-classes {args.num_classes} but {args.data_path} has "
+                        f"{num_classes} class folders ({', '.join(split.class_names)}).")
+    return split
+
+
+# --------------------------------------------------------------------------- model and resume
+
+def read_resume(args: argparse.Namespace, log=print) -> Checkpoint | None:
+    """The checkpoint --resume continues from, or None to start fresh."""
+    if not args.resume:
+        return None
+    if args.resume == "auto":
+        path = newest_epoch_checkpoint(args.output_dir)
+        if path is None:
+            log(f"--resume auto: no checkpoint in {args.output_dir}; starting fresh.")
+            return None
+    else:
+        path = Path(args.resume)
+        if not path.is_file():
+            raise UserError(f"--resume {path}: no such checkpoint.")
+    checkpoint = load_resumable(path)
+    log(f"Resuming from {path} (epoch {checkpoint.epoch} done).")
+    return checkpoint
+
+
+def build_or_resume_model(args: argparse.Namespace, split: Split, resume: Checkpoint | None,
+                          setup: Setup) -> VisionTransformer:
+    """The plain model on the device: the resumed checkpoint's, or a new one (build_model)."""
+    if resume is None:
+        model = build_model(args, len(split.class_names), setup.log)
+    elif resume.class_names != split.class_names:
+        raise UserError(f"--resume: the checkpoint's classes {resume.class_names} "
+                        f"differ from {args.data_path}'s {split.class_names}.")
+    else:
+        model = VisionTransformer(**resume.model_args)
+        model.load_state_dict(resume.model)
+    return model.to(setup.device)
+
+
+def build_model(args: argparse.Namespace, num_classes: int, log=print) -> VisionTransformer:
+    """The model to fine-tune, with the pretrained weights loaded when --weights is given."""
+    overrides = dict(num_classes=num_classes, has_logits=False)
+    if args.img_size:
+        overrides["img_size"] = args.img_size
+    if args.drop_path:
+        overrides["drop_path_rate"] = args.drop_path
+    if not args.weights:
+        return create_model(args.model_name, **overrides)
+    if not Path(args.weights).exists():  # a Hugging Face folder is fine too
+        raise UserError(f"Weights file {args.weights} not found: download it with "
+                        f"'python download.py weights' (or add --download), or pass "
+                        f"--weights '' to train from scratch.")
+    weights = read_weights(args.weights)
+    model = build_model_for(weights, args.model_name, fine_tune=overrides)
+    state_dict, report = fit_state_dict(model, weights.state_dict)
+    model.load_state_dict(state_dict, strict=False)
+    log(f"Weights {args.weights} ({weights.format}): {report}")
+    return model
+
+
 def default_workers(dist_info: Distributed) -> int:
     """All the cores this process may use, shared among the processes on this machine."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist_info.world_size))
     return min(max((cores or 1) // local_world, 1), 16)
+
+
+def build_loaders(args: argparse.Namespace, split: Split, model: VisionTransformer,
+                  setup: Setup):
+    """The training and validation batches, at the model's input size."""
+    workers = default_workers(setup.dist_info) if args.workers is None else args.workers
+    setup.log(f"Using {workers} dataloader workers every process")
+    return build_dataloaders(split, args, model.image_size, workers, setup.device,
+                             setup.dist_info, setup.log)
 
 
 def build_dataloaders(split: Split, args: argparse.Namespace, img_size: int, workers: int,
@@ -225,25 +408,36 @@ def build_dataloaders(split: Split, args: argparse.Namespace, img_size: int, wor
                        sampler=val_sampler, **common))
 
 
-def build_model(args: argparse.Namespace, num_classes: int, log=print) -> VisionTransformer:
-    """The model to fine-tune, with the pretrained weights loaded when --weights is given."""
-    overrides = dict(num_classes=num_classes, has_logits=False)
-    if args.img_size:
-        overrides["img_size"] = args.img_size
-    if args.drop_path:
-        overrides["drop_path_rate"] = args.drop_path
-    if not args.weights:
-        return create_model(args.model_name, **overrides)
-    if not Path(args.weights).exists():  # a Hugging Face folder is fine too
-        raise UserError(f"Weights file {args.weights} not found: download it with "
-                        f"'python download.py weights' (or add --download), or pass "
-                        f"--weights '' to train from scratch.")
-    weights = read_weights(args.weights)
-    model = build_model_for(weights, args.model_name, fine_tune=overrides)
-    state_dict, report = fit_state_dict(model, weights.state_dict)
-    model.load_state_dict(state_dict, strict=False)
-    log(f"Weights {args.weights} ({weights.format}): {report}")
-    return model
+# --------------------------------------------------------------------------- optimisation
+
+@dataclass
+class Optimisation:
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    settings: StepSettings  # precision (and float16's scaler), accumulation, clipping, loss
+
+
+def build_optimisation(args: argparse.Namespace, model: VisionTransformer, setup: Setup,
+                       resumed: bool) -> Optimisation:
+    """What trains (--freeze-layers), the optimizer, the schedule and the precision."""
+    log = setup.log
+    if args.freeze_layers:
+        if not args.weights and not resumed:
+            log("note: --freeze-layers with no pretrained weights trains only the head on "
+                "random features; add --no-freeze-layers to train the whole network.")
+        log(f"Training only: {', '.join(freeze_backbone(model))}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    log(f"Trainable parameters: {sum(p.numel() for p in params):,} of "
+        f"{sum(p.numel() for p in model.parameters()):,}")
+    optimizer = build_optimizer(args, params, setup.device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(args.epochs, args.lrf, args.warmup_epochs))
+    amp_dtype, scaler = amp_settings(args, setup.device)
+    if amp_dtype is not None:
+        log(f"Mixed precision: {str(amp_dtype).replace('torch.', '')} autocast.")
+    settings = StepSettings(amp_dtype, scaler, args.accum_steps, args.clip_grad,
+                            args.label_smoothing)
+    return Optimisation(optimizer, scheduler, settings)
 
 
 def freeze_backbone(model: VisionTransformer) -> list[str]:
@@ -281,267 +475,184 @@ def amp_settings(args: argparse.Namespace, device: torch.device
     return torch.bfloat16, None
 
 
-def use_cuda_graphs(args: argparse.Namespace, device: torch.device, dist_info: Distributed,
-                    log=print) -> bool:
-    """CUDA graphs where they work: one CUDA process, the model not compiled."""
-    if args.cuda_graphs is False:
-        return False
-    reason = None
-    if device.type != "cuda":
-        reason = f"they need a CUDA device, and this run uses {device.type}"
-    elif dist_info.enabled:
-        reason = "DistributedDataParallel's gradient hooks cannot be captured"
-    elif args.compile:
-        reason = "--compile is on (its mode='reduce-overhead' would capture instead)"
-    if reason is None:
-        return True
-    if args.cuda_graphs:  # asked for by name: say why not
-        log(f"note: --cuda-graphs is off: {reason}.")
-    return False
+@dataclass
+class Progress:
+    start_epoch: int
+    best_acc: float  # the best validation accuracy so far; -1 before the first epoch
+    log_dir: Path    # this run's TensorBoard folder
 
 
-def rng_states() -> dict:
-    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        with contextlib.suppress(RuntimeError, IndexError):
-            torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def resolve_resume(args: argparse.Namespace, log=print) -> dict | None:
-    """The checkpoint to continue from, or None to start fresh."""
-    if not args.resume:
-        return None
-    if args.resume == "auto":
-        found = epoch_checkpoints(args.output_dir)
-        if not found:
-            log(f"--resume auto: no checkpoint in {args.output_dir}; starting fresh.")
-            return None
-        path = found[-1][1]
-    else:
-        path = Path(args.resume)
-        if not path.is_file():
-            raise UserError(f"--resume {path}: no such checkpoint.")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated file, or not a checkpoint at all
-        raise UserError(f"--resume {path} cannot be read ({type(err).__name__}); pick an "
-                        f"earlier model-*.pth.") from None
-    if not isinstance(checkpoint, dict) or "optimizer" not in checkpoint:
-        raise UserError(f"{path} is not an epoch checkpoint of train.py (it has no optimizer "
-                        f"state); use it as --weights to fine-tune from it instead.")
-    log(f"Resuming from {path} (epoch {checkpoint['epoch']} done).")
-    return checkpoint
-
-
-def make_checkpoint(model: VisionTransformer, args: argparse.Namespace, split: Split,
-                    epoch: int, metrics: dict, **state) -> dict:
-    """Everything predict.py needs (model, its arguments, class names) and resume needs."""
-    return {
-        "model": model.state_dict(),
-        "model_name": args.model_name,
-        "model_args": model.model_args,
-        "class_names": split.class_names,
-        "epoch": epoch,
-        "metrics": metrics,
-        "args": dict(vars(args)),
-        **state,
-    }
-
-
-def fetch_missing(args: argparse.Namespace, log=print) -> None:
-    """--download: get flower_photos and the weights where the paths name them but hold nothing."""
-    import download  # the URLs are read here, at call time, so a mirror can be set
-
-    data = Path(args.data_path)
-    if not data.exists():
-        if data.name != "flower_photos":
-            raise UserError(f"--download fetches flower_photos; {data} names another folder.")
-        data.parent.mkdir(parents=True, exist_ok=True)
-        log(f"Downloading flower_photos to {data} ...")
-        download.download_flowers(data.parent, download.FLOWERS_URL,
-                                  download.FLOWER_CLASS_COUNTS)
-    if args.weights and not Path(args.weights).exists():
-        fmt = "npz" if args.weights.endswith(".npz") else "pth"
-        log(f"Downloading the ImageNet-21k ViT-B/16 weights to {args.weights} ...")
-        download.download_weights(fmt, Path(args.weights), download.WEIGHTS[fmt].url)
-
-
-def train(args: argparse.Namespace) -> int:
-    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or args.accum_steps < 1:
-        raise UserError("--epochs, --batch-size and --accum-steps must be at least 1 and --lr "
-                        "positive.")
-    device = select_device(args.device)
-    dist_info = init_distributed(device)
-    if dist_info.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist_info.local_rank)
-    log = print if dist_info.is_main else (lambda *a, **k: None)
-    if args.download:
-        if dist_info.is_main:
-            fetch_missing(args, log)
-        if dist_info.enabled:
-            import torch.distributed as dist
-
-            dist.barrier()  # the other ranks wait for rank 0's download
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input sizes: pick the fastest conv once
-        if args.tf32:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(args.seed)
-
-    split = read_split_data(args.data_path, args.val_rate, args.seed,
-                            warn=log if dist_info.is_main else (lambda *a: None))
-    log(f"{split.num_images} images were found in the dataset.")
-    log(f"{len(split.train_images)} images for training.")
-    log(f"{len(split.val_images)} images for validation.")
-    if split.skipped:
-        log(f"{len(split.skipped)} unreadable files were skipped.")
-    if not split.train_images or not split.val_images:
-        raise UserError(f"{args.data_path} gives {len(split.train_images)} training and "
-                        f"{len(split.val_images)} validation images; both need at least one "
-                        f"(add images or change --val-rate).")
-    num_classes = len(split.class_names)
-    if args.num_classes is not None and args.num_classes != num_classes:
-        raise UserError(f"--num-classes {args.num_classes} but {args.data_path} has "
-                        f"{num_classes} class folders ({', '.join(split.class_names)}).")
-
-    resume = resolve_resume(args, log)
-    if resume is not None:
-        if resume.get("class_names") != split.class_names:
-            raise UserError(f"--resume: the checkpoint's classes {resume.get('class_names')} "
-                            f"differ from {args.data_path}'s {split.class_names}.")
-        model = VisionTransformer(**resume["model_args"])
-        model.load_state_dict(resume["model"])
-    else:
-        model = build_model(args, num_classes, log)
-    model.to(device)
-    img_size = model.image_size
-    workers = default_workers(dist_info) if args.workers is None else args.workers
-    log(f"Using {workers} dataloader workers every process")
-    train_loader, val_loader = build_dataloaders(split, args, img_size, workers, device,
-                                                 dist_info, log)
-
-    if args.freeze_layers:
-        if not args.weights and resume is None:
-            log("note: --freeze-layers with no pretrained weights trains only the head on "
-                "random features; add --no-freeze-layers to train the whole network.")
-        log(f"Training only: {', '.join(freeze_backbone(model))}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    log(f"Trainable parameters: {sum(p.numel() for p in params):,} of "
-        f"{sum(p.numel() for p in model.parameters()):,}")
-    optimizer = build_optimizer(args, params, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(args.epochs, args.lrf, args.warmup_epochs))
-    amp_dtype, scaler = amp_settings(args, device)
-    if amp_dtype is not None:
-        log(f"Mixed precision: {str(amp_dtype).replace('torch.', '')} autocast.")
-
-    start_epoch, best_acc = 0, -1.0
+def start_or_resume(args: argparse.Namespace, resume: Checkpoint | None,
+                    optimisation: Optimisation) -> Progress:
+    """Epoch 0 in a new TensorBoard folder, or the resumed run's next epoch and state."""
     log_dir = Path(args.log_dir) / time.strftime("%Y%m%d-%H%M%S")
     while log_dir.exists():  # two runs started in the same second get folders of their own
         log_dir = log_dir.with_name(log_dir.name + "-")
-    if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["lr_scheduler"])
-        if scaler is not None and resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
-        start_epoch, best_acc = resume["epoch"] + 1, resume["best_acc"]
-        log_dir = Path(resume.get("log_dir", log_dir))  # the curves go on in the same run
-        set_rng_states(resume["rng_states"])
-        del resume  # the checkpoint's tensors are in the model now; free the copies
+    if resume is None:
+        return Progress(0, -1.0, log_dir)
+    restore_training_state(resume, optimisation.optimizer, optimisation.scheduler,
+                           optimisation.settings.scaler)
+    # The curves go on in the resumed run's folder.
+    return Progress(resume.epoch + 1, resume.best_acc, Path(resume.log_dir or log_dir))
 
-    runner = torch.compile(model) if args.compile else model
-    if dist_info.enabled:
+
+# --------------------------------------------------------------------------- wrappers
+
+@dataclass
+class Wrappers:
+    """The model as each use needs it, as torchvision's model_without_ddp and nanoGPT's
+    raw_model: the plain model is what is saved and what the features cache runs."""
+
+    model: VisionTransformer
+    model_for_training: nn.Module  # with CUDA graphs, DDP and torch.compile as switched on
+    model_for_eval: nn.Module      # compiled with --compile, else the plain model
+    ddp: nn.Module | None          # the DistributedDataParallel wrapper under torchrun
+
+
+def wrap_for_training(model: VisionTransformer, args: argparse.Namespace, setup: Setup,
+                      settings: StepSettings) -> Wrappers:
+    """torch.compile, then DDP around it (as nanoGPT and torchvision), then CUDA graphs."""
+    compiled = torch.compile(model) if args.compile else model
+    model_for_training = compiled
+    ddp = None
+    if setup.dist_info.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
-        runner = DistributedDataParallel(
-            runner, device_ids=[device.index] if device.type == "cuda" else None)
-    train_runner = runner
-    if use_cuda_graphs(args, device, dist_info, log):
-        train_runner = CudaGraphModel(runner, amp_dtype, args.accum_steps > 1, log=log)
-        log("CUDA graphs: training steps replay one captured forward and backward.")
-    settings = StepSettings(amp_dtype, scaler, args.accum_steps, args.clip_grad,
-                            args.label_smoothing)
-    features_cache = {} if args.freeze_layers and args.cache_val_features else None
+        device = setup.device
+        ddp = model_for_training = DistributedDataParallel(
+            compiled, device_ids=[device.index] if device.type == "cuda" else None)
+    if use_cuda_graphs(args.cuda_graphs, setup.device, setup.dist_info, args.compile,
+                       setup.log):
+        model_for_training = CudaGraphModel(model_for_training, settings.amp_dtype,
+                                            args.accum_steps > 1, log=setup.log)
+        setup.log("CUDA graphs: training steps replay one captured forward and backward.")
+    return Wrappers(model, model_for_training, compiled, ddp)
 
-    output_dir = Path(args.output_dir)
-    writer = saver = None
-    if dist_info.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_class_indices(split.class_names, output_dir / "class_indices.json")
+
+# --------------------------------------------------------------------------- the epochs
+
+def train_and_validate(epoch: int, setup: Setup, wrappers: Wrappers, loaders: tuple,
+                       optimisation: Optimisation, feature_cache: FeatureCache | None,
+                       num_classes: int) -> tuple[EpochStats, EpochStats]:
+    """One epoch: a pass over the training data, the schedule's step, then validation."""
+    train_loader, val_loader = loaders
+    device, dist_info = setup.device, setup.dist_info
+    getattr(train_loader, "sampler", train_loader).set_epoch(epoch)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    # join() lets ranks whose share is one batch shorter finish the epoch cleanly.
+    uneven = wrappers.ddp.join() if wrappers.ddp is not None else contextlib.nullcontext()
+    with uneven:
+        train_stats = train_one_epoch(wrappers.model_for_training, optimisation.optimizer,
+                                      train_loader, device, epoch, optimisation.settings,
+                                      dist_info)
+    optimisation.scheduler.step()
+    amp_dtype = optimisation.settings.amp_dtype
+    if feature_cache is not None:
+        val_stats = feature_cache.evaluate(wrappers.model, val_loader, device, epoch,
+                                           amp_dtype, dist_info, num_classes)
+    else:
+        val_stats = evaluate(wrappers.model_for_eval, val_loader, device, epoch, amp_dtype,
+                             dist_info, num_classes)
+    return train_stats, val_stats
+
+
+def epoch_metrics(train_stats: EpochStats, val_stats: EpochStats, lr: float,
+                  device: torch.device) -> dict[str, float]:
+    """The checkpoint's "metrics" and TensorBoard's scalars of one epoch."""
+    metrics = {"train_loss": train_stats.loss, "train_acc": train_stats.acc,
+               "val_loss": val_stats.loss, "val_acc": val_stats.acc,
+               "learning_rate": lr, "images_per_sec": train_stats.images_per_sec}
+    if device.type == "cuda":
+        metrics["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return metrics
+
+
+class RunOutputs:
+    """What rank 0 writes: class_indices.json, the checkpoints and TensorBoard's curves.
+
+    Checkpoints and figures are written on a background thread (CheckpointWriter) while
+    the next epoch trains.
+    """
+
+    def __init__(self, args: argparse.Namespace, split: Split, log_dir: Path) -> None:
+        self.output_dir = Path(args.output_dir)
+        self.keep = args.keep
+        self.class_names = split.class_names
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        write_class_indices(split.class_names, self.output_dir / CLASS_INDICES_FILE)
         from torch.utils.tensorboard import SummaryWriter  # heavy; only when training
 
-        writer = SummaryWriter(log_dir=str(log_dir))
-        saver = CheckpointWriter()
-    epoch = start_epoch
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+        self.saver = CheckpointWriter()
+
+    def epoch_done(self, epoch: int, metrics: dict, confusion: torch.Tensor,
+                   checkpoint: Checkpoint, is_best: bool) -> None:
+        for tag, value in metrics.items():
+            self.writer.add_scalar(tag, value, epoch)
+        figure = plot_confusion_matrix(confusion, self.class_names, f"Validation, epoch {epoch}")
+        # Rendering takes a few tenths of a second: off the training thread.
+        self.saver.run(functools.partial(self.writer.add_figure, "confusion_matrix", figure,
+                                         epoch))
+        paths = [self.output_dir / epoch_file(epoch)]
+        if is_best:
+            paths.append(self.output_dir / BEST_FILE)
+        self.saver.save(checkpoint, paths,
+                        after=lambda: prune_checkpoints(self.output_dir, self.keep))
+        self.saver.run(self.writer.flush)
+
+    def save_interrupted(self, checkpoint: Checkpoint) -> Path:
+        self.saver.wait()
+        path = self.output_dir / INTERRUPTED_FILE
+        save_checkpoint(checkpoint, path)
+        return path
+
+    def close(self) -> None:
+        self.saver.close()
+        self.writer.close()
+
+
+def run_epochs(args: argparse.Namespace, setup: Setup, split: Split, wrappers: Wrappers,
+               loaders: tuple, optimisation: Optimisation, progress: Progress,
+               outputs: RunOutputs | None) -> int:
+    """Train and validate each epoch; rank 0 logs and saves it. Ctrl-C saves and exits 130."""
+    model = wrappers.model
+    feature_cache = FeatureCache() if args.freeze_layers and args.cache_val_features else None
+    epoch = progress.start_epoch
     try:
-        for epoch in range(start_epoch, args.epochs):
-            getattr(train_loader, "sampler", train_loader).set_epoch(epoch)
-            lr = optimizer.param_groups[0]["lr"]
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            # join() lets ranks whose share is one batch shorter finish the epoch cleanly.
-            uneven = runner.join() if dist_info.enabled else contextlib.nullcontext()
-            with uneven:
-                train_stats = train_one_epoch(train_runner, optimizer, train_loader, device,
-                                              epoch, settings, dist_info)
-            scheduler.step()
-            val_stats = evaluate(runner, val_loader, device, epoch, amp_dtype, dist_info,
-                                 features_cache, num_classes)
-            metrics = {"train_loss": train_stats["loss"], "train_acc": train_stats["acc"],
-                       "val_loss": val_stats["loss"], "val_acc": val_stats["acc"],
-                       "learning_rate": lr, "images_per_sec": train_stats["images_per_sec"]}
-            if device.type == "cuda":
-                metrics["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-            if not dist_info.is_main:
+        for epoch in range(progress.start_epoch, args.epochs):
+            lr = optimisation.optimizer.param_groups[0]["lr"]  # the rate used in this epoch
+            train_stats, val_stats = train_and_validate(epoch, setup, wrappers, loaders,
+                                                        optimisation, feature_cache,
+                                                        len(split.class_names))
+            metrics = epoch_metrics(train_stats, val_stats, lr, setup.device)
+            if outputs is None:
                 continue
-            for tag, value in metrics.items():
-                writer.add_scalar(tag, value, epoch)
-            figure = plot_confusion_matrix(val_stats["confusion"], split.class_names,
-                                           f"Validation, epoch {epoch}")
-            # Rendering takes a few tenths of a second: off the training thread.
-            saver.run(functools.partial(writer.add_figure, "confusion_matrix", figure, epoch))
-            is_best = val_stats["acc"] > best_acc
-            best_acc = max(best_acc, val_stats["acc"])
+            is_best = val_stats.acc > progress.best_acc
+            progress.best_acc = max(progress.best_acc, val_stats.acc)
             checkpoint = make_checkpoint(
-                model, args, split, epoch, metrics, best_acc=best_acc,
-                optimizer=optimizer.state_dict(), lr_scheduler=scheduler.state_dict(),
-                scaler=scaler.state_dict() if scaler is not None else None,
-                rng_states=rng_states(), log_dir=str(log_dir),
-                samples={"train": train_stats["samples"], "val": val_stats["samples"]})
-            paths = [output_dir / f"model-{epoch}.pth"] + ([output_dir / "best.pth"]
-                                                           if is_best else [])
-            saver.save(checkpoint, paths, after=lambda: prune_checkpoints(output_dir, args.keep))
-            saver.run(writer.flush)
+                model, args.model_name, split.class_names, dict(vars(args)), epoch, metrics,
+                best_acc=progress.best_acc, log_dir=str(progress.log_dir),
+                samples={"train": train_stats.samples, "val": val_stats.samples},
+                **training_state(optimisation.optimizer, optimisation.scheduler,
+                                 optimisation.settings.scaler))
+            outputs.epoch_done(epoch, metrics, val_stats.confusion, checkpoint, is_best)
     except KeyboardInterrupt:
-        if dist_info.is_main:
-            saver.wait()
-            save_checkpoint(make_checkpoint(model, args, split, epoch - 1, {},
-                                            interrupted_in_epoch=epoch),
-                            output_dir / "interrupted.pth")
-            print(f"\nInterrupted in epoch {epoch}. The weights at that moment are in "
-                  f"{output_dir / 'interrupted.pth'}; continue the run with the same command "
-                  f"and --resume auto (from the last complete epoch).", file=sys.stderr)
+        if outputs is not None:
+            path = outputs.save_interrupted(make_checkpoint(
+                model, args.model_name, split.class_names, dict(vars(args)), epoch - 1, {},
+                interrupted_in_epoch=epoch))
+            print(f"\nInterrupted in epoch {epoch}. The weights at that moment are in {path}; "
+                  f"continue the run with the same command and --resume auto (from the last "
+                  f"complete epoch).", file=sys.stderr)
         return 130
     finally:
-        if saver is not None:
-            saver.close()
-        if writer is not None:
-            writer.close()
-        if dist_info.enabled:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-    log(f"Best validation accuracy {best_acc:.4f}; checkpoints in {output_dir}, "
-        f"curves in {log_dir} (tensorboard --logdir {args.log_dir}).")
+        if outputs is not None:
+            outputs.close()
+        shut_down(setup.dist_info)
+    setup.log(f"Best validation accuracy {progress.best_acc:.4f}; checkpoints in "
+              f"{Path(args.output_dir)}, curves in {progress.log_dir} (tensorboard --logdir "
+              f"{args.log_dir}).")
     return 0
 
 

@@ -1,16 +1,21 @@
-"""The split, the training and evaluation loops, and checkpoint I/O."""
+"""What the reproduced repository's utils.py holds: the split, class indices, the device, the
+training and evaluation loops and the learning-rate schedule.
+
+Its train.py runs on these unchanged: read_split_data(root) unpacks as its four lists, and
+train_one_epoch / evaluate called with its arguments return what unpacks as (loss, acc).
+This project's train.py passes more (precision, accumulation, ranks) and reads more of
+EpochStats.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import pickle
 import random
 import sys
 import time
-import warnings
-import zipfile
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +24,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from checkpoints import atomic_write_bytes
+from distributed import Distributed, all_reduce_sums
 from errors import NonFiniteLossError, UserError
 from my_dataset import IMG_EXTENSIONS_HINT, check_image, is_image_file
 
@@ -35,6 +42,12 @@ class Split:
     @property
     def num_images(self) -> int:
         return len(self.train_images) + len(self.val_images)
+
+    def __iter__(self) -> Iterator[list]:
+        """train_images_path, train_images_label, val_images_path, val_images_label =
+        read_split_data(root), as the reproduced repository's four lists (of str paths)."""
+        return iter(([str(p) for p in self.train_images], self.train_labels,
+                     [str(p) for p in self.val_images], self.val_labels))
 
 
 def find_classes(root: str | Path) -> list[str]:
@@ -132,87 +145,6 @@ def select_device(name: str) -> torch.device:
     return device
 
 
-
-# --------------------------------------------------------------------------- distributed
-
-@dataclass
-class Distributed:
-    """This process's place in a torchrun job; rank 0 of 1 without torchrun."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: torch.device) -> Distributed:
-    """Join the process group when started by torchrun (RANK and WORLD_SIZE are set)."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
-        return Distributed()
-    import torch.distributed as dist
-
-    dist_info = Distributed(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
-                            int(os.environ.get("LOCAL_RANK", "0")))
-    if device.type == "cuda":
-        torch.cuda.set_device(dist_info.local_rank)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return dist_info
-
-
-def all_reduce_sums(values: list[float], device: torch.device, dist_info: Distributed
-                    ) -> list[float]:
-    """Sum per-rank totals (loss sums, correct counts, samples) over all ranks."""
-    if not dist_info.enabled:
-        return values
-    import torch.distributed as dist
-
-    reduce_device = device if device.type == "cuda" else torch.device("cpu")
-    tensor = torch.tensor(values, dtype=torch.float64, device=reduce_device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
-class ShardSampler(torch.utils.data.Sampler):
-    """Every sample once per epoch, this rank's share; reshuffled from seed + epoch.
-
-    Unlike DistributedSampler it never pads with repeated samples, so the sample
-    counts (and validation metrics) equal a one-process run's; DDP's join()
-    absorbs the one-batch difference between ranks that this can leave.
-    """
-
-    def __init__(self, num_samples: int, shuffle: bool, seed: int = 0,
-                 dist_info: Distributed | None = None) -> None:
-        self.num_samples = num_samples
-        self.shuffle = shuffle
-        self.seed = seed
-        self.dist_info = dist_info or Distributed()
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _indices(self) -> list[int]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.num_samples, generator=generator).tolist()
-        else:
-            order = list(range(self.num_samples))
-        return order[self.dist_info.rank::self.dist_info.world_size]
-
-    def __iter__(self):
-        return iter(self._indices())
-
-    def __len__(self) -> int:
-        return len(range(self.dist_info.rank, self.num_samples, self.dist_info.world_size))
-
-
 # --------------------------------------------------------------------------- loops
 
 @dataclass
@@ -226,99 +158,44 @@ class StepSettings:
     label_smoothing: float = 0.0
 
 
-class _Forward(nn.Module):
-    """A module whose forward is the wrapped model's: make_graphed_callables replaces this
-    forward, and the model's own stays eager for the batches the graph cannot take."""
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
+@dataclass
+class EpochStats:
+    """One pass over a data set, averaged over samples; unpacks as (loss, acc), the reproduced
+    repository's return value."""
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)
+    loss: float
+    acc: float
+    samples: int  # over all ranks
+    images_per_sec: float | None = None  # training: the whole epoch's speed over all ranks
+    confusion: torch.Tensor | None = None  # evaluation with num_classes: counts[true, predicted]
 
-
-class CudaGraphModel(nn.Module):
-    """Runs training steps as replayed CUDA graphs of one captured batch shape.
-
-    At small batches an eager ViT-B/16 step is bound by launching its ~830 kernels from
-    Python, not by the GPU (BENCHMARKS.md: 24.8 ms eager, 14.3 ms replayed at batch 32).
-    The first training batch's forward and backward are captured once with
-    torch.cuda.make_graphed_callables; later batches replay the graphs. A shorter last
-    batch is padded with zero images to the captured size and its extra logits dropped:
-    samples never interact in a ViT (no batch norm), so the padding changes no loss and no
-    gradient, and no second set of activations is needed beside the graph's. Evaluation
-    and no-grad calls run the model eagerly on the same parameters. The loss, clipping and
-    optimiser step stay eager, so accumulation, gradient scaling and the learning-rate
-    schedule work unchanged.
-
-    If capturing fails, a note is printed once and training goes on eagerly.
-
-    Gradient accumulation (accumulate=True) needs one more step: a replayed backward hands
-    out gradients that live in the graph's memory, and autograd keeps such a tensor as
-    .grad when .grad is None, so the next replay would overwrite the first micro-batch's
-    gradients. Giving every .grad its own zeros before a replay makes autograd add instead.
-    """
-
-    def __init__(self, model: nn.Module, amp_dtype: torch.dtype | None = None,
-                 accumulate: bool = False, capture=None, log=print) -> None:
-        super().__init__()
-        self.model = model
-        self.amp_dtype = amp_dtype
-        self.accumulate = accumulate
-        # Injectable so that the routing can be tested where CUDA is absent.
-        self.capture = capture or torch.cuda.make_graphed_callables
-        self.log = log
-        self.graphed: nn.Module | None = None
-        self.batch_shape: torch.Size | None = None
-        self.failed = False
-
-    def _capture(self, images: torch.Tensor) -> None:
-        forward = _Forward(self.model).train()
-        sample = torch.zeros_like(images)  # only shape, dtype and device matter
-        try:
-            # Autocast's weight cache would keep casts from the capture alive across replays.
-            with torch.autocast(images.device.type, dtype=self.amp_dtype or torch.float32,
-                                enabled=self.amp_dtype is not None, cache_enabled=False), \
-                    warnings.catch_warnings():
-                # make_graphed_callables warms up and captures on a stream of its own; torch
-                # >= 2.10 warns there that gradients cross streams and that cuBLAS found no
-                # context on the backward thread. Both are expected and harmless here.
-                for message in ("The AccumulateGrad node's stream", "Attempting to run cuBLAS"):
-                    warnings.filterwarnings("ignore", category=UserWarning, message=message)
-                self.graphed = self.capture(forward, (sample,))
-            self.batch_shape = images.shape
-        except Exception as err:  # a model or torch build the graphs cannot take
-            self.failed = True
-            self.log(f"note: CUDA graphs could not be captured ({type(err).__name__}: "
-                     f"{str(err).splitlines()[0] if str(err) else ''}); training eagerly.")
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if not (self.training and torch.is_grad_enabled()) or self.failed:
-            return self.model(images)
-        if self.graphed is None:
-            self._capture(images)
-        if (self.graphed is None or images.shape[1:] != self.batch_shape[1:]
-                or len(images) > self.batch_shape[0]):
-            return self.model(images)
-        if self.accumulate:
-            for param in self.model.parameters():
-                if param.requires_grad and param.grad is None:
-                    param.grad = torch.zeros_like(param)
-        count = len(images)
-        if count < self.batch_shape[0]:
-            padding = images.new_zeros((self.batch_shape[0] - count, *images.shape[1:]))
-            images = torch.cat([images, padding])
-        return self.graphed(images)[:count]
+    def __iter__(self) -> Iterator[float]:
+        return iter((self.loss, self.acc))
 
 
-def _bar(data_loader, show: bool):
+def _bar(data_loader: Iterable, show: bool) -> tqdm:
     return tqdm(data_loader, file=sys.stdout, dynamic_ncols=True, disable=not show)
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
+                    settings: StepSettings) -> None:
+    """Clip (after unscaling) and step, through the gradient scaler when there is one."""
+    if settings.clip_grad:
+        if settings.scaler is not None:
+            settings.scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, settings.clip_grad)
+    if settings.scaler is not None:
+        settings.scaler.step(optimizer)
+        settings.scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader,
                     device: torch.device, epoch: int, settings: StepSettings | None = None,
-                    dist_info: Distributed | None = None) -> dict[str, float]:
+                    dist_info: Distributed | None = None) -> EpochStats:
     """One pass over the training data; loss and accuracy averaged over samples."""
     settings = settings or StepSettings()
     dist_info = dist_info or Distributed()
@@ -341,22 +218,12 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data_loa
                             enabled=settings.amp_dtype is not None):
             logits = model(images)
             loss = loss_function(logits.float(), labels)
-        update = (step + 1) % settings.accum_steps == 0 or step + 1 == steps
         scaled = loss / settings.accum_steps
         if settings.scaler is not None:
             scaled = settings.scaler.scale(scaled)
         scaled.backward()
-        if update:
-            if settings.clip_grad:
-                if settings.scaler is not None:
-                    settings.scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, settings.clip_grad)
-            if settings.scaler is not None:
-                settings.scaler.step(optimizer)
-                settings.scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % settings.accum_steps == 0 or step + 1 == steps:
+            _optimizer_step(optimizer, params, settings)
 
         # Recorded on the device, read every 20 steps: the exact step, without a sync per step.
         bad = (~torch.isfinite(loss.detach())) & (first_bad_step < 0)
@@ -372,40 +239,28 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data_loa
                     f"The loss became NaN or infinite at epoch {epoch}, step "
                     f"{first_bad_step.item()}; training stopped (lower --lr?). The last good "
                     f"checkpoint is kept.")
-            mean_loss = total_loss.item() / total_seen
             rate = total_seen * dist_info.world_size / (time.perf_counter() - start)
-            bar.desc = (f"[train epoch {epoch}] loss: {mean_loss:.3f}, "
+            bar.desc = (f"[train epoch {epoch}] loss: {total_loss.item() / total_seen:.3f}, "
                         f"acc: {total_correct.item() / total_seen:.3f}")
             bar.set_postfix_str(f"{rate:.0f} img/s", refresh=False)
     loss_sum, correct, seen = all_reduce_sums(
         [total_loss.item(), float(total_correct.item()), float(total_seen)], device, dist_info)
     elapsed = time.perf_counter() - start
-    return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1),
-            "samples": int(seen), "images_per_sec": seen / max(elapsed, 1e-9)}
+    return EpochStats(loss_sum / max(seen, 1), correct / max(seen, 1), int(seen),
+                      images_per_sec=seen / max(elapsed, 1e-9))
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, data_loader, device: torch.device, epoch: int,
-             amp_dtype: torch.dtype | None = None, dist_info: Distributed | None = None,
-             features_cache: dict | None = None, num_classes: int | None = None) -> dict:
-    """Loss and accuracy over the validation set, averaged over samples (not batches).
-
-    With features_cache (a dict, for a frozen backbone), the class-token features are
-    computed on the first call and only the head runs on later ones: same numbers, a
-    fraction of the time. With num_classes, also returns "confusion": counts[true, predicted].
-    """
+def _validate(batches: Iterable,
+              logits_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+              device: torch.device, epoch: int, amp_dtype: torch.dtype | None,
+              dist_info: Distributed | None, num_classes: int | None) -> EpochStats:
+    """Loss, accuracy (and with num_classes the confusion counts) of logits_of(inputs) over
+    (inputs, labels) batches, summed over samples and ranks."""
     dist_info = dist_info or Distributed()
-    model.eval()
     loss_function = nn.CrossEntropyLoss(reduction="sum")
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     total_correct = torch.zeros((), dtype=torch.int64, device=device)
     total_seen = 0
-    core = getattr(model, "module", model)  # under DDP the head lives on .module
-    core = getattr(core, "_orig_mod", core)  # and under torch.compile on ._orig_mod
-    cached = features_cache is not None and "features" in features_cache
-    batches = (list(zip(features_cache["features"], features_cache["labels"], strict=True))
-               if cached else data_loader)
-    new_features, new_labels = [], []
     confusion = torch.zeros(((num_classes or 1) ** 2,), dtype=torch.int64, device=device)
     bar = _bar(batches, dist_info.is_main)
     for step, (inputs, labels) in enumerate(bar):
@@ -413,15 +268,7 @@ def evaluate(model: nn.Module, data_loader, device: torch.device, epoch: int,
         labels = labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                             enabled=amp_dtype is not None):
-            if cached:
-                logits = core.head(core.pre_logits(inputs))
-            elif features_cache is not None:
-                tokens = core.forward_features(inputs)[:, 0]
-                new_features.append(tokens)
-                new_labels.append(labels)
-                logits = core.head(core.pre_logits(tokens))
-            else:
-                logits = model(inputs)
+            logits = logits_of(inputs, labels)
         total_loss += loss_function(logits.float(), labels).double()
         preds = logits.argmax(dim=1)
         total_correct += (preds == labels).sum()
@@ -432,15 +279,57 @@ def evaluate(model: nn.Module, data_loader, device: torch.device, epoch: int,
         if step % 20 == 0 or step + 1 == len(batches):
             bar.desc = (f"[valid epoch {epoch}] loss: {total_loss.item() / total_seen:.3f}, "
                         f"acc: {total_correct.item() / total_seen:.3f}")
-    if features_cache is not None and not cached:
-        features_cache.update(features=new_features, labels=new_labels)
     loss_sum, correct, seen = all_reduce_sums(
         [total_loss.item(), float(total_correct.item()), float(total_seen)], device, dist_info)
-    stats = {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1), "samples": int(seen)}
+    stats = EpochStats(loss_sum / max(seen, 1), correct / max(seen, 1), int(seen))
     if num_classes:
         counts = all_reduce_sums(confusion.tolist(), device, dist_info)
-        stats["confusion"] = torch.tensor(counts, dtype=torch.int64).reshape(num_classes, -1)
+        stats.confusion = torch.tensor(counts, dtype=torch.int64).reshape(num_classes, -1)
     return stats
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data_loader, device: torch.device, epoch: int,
+             amp_dtype: torch.dtype | None = None, dist_info: Distributed | None = None,
+             num_classes: int | None = None) -> EpochStats:
+    """Loss and accuracy over the validation set, averaged over samples (not batches).
+    With num_classes, also the confusion counts."""
+    model.eval()
+    return _validate(data_loader, lambda images, labels: model(images), device, epoch,
+                     amp_dtype, dist_info, num_classes)
+
+
+class FeatureCache:
+    """Validation of a model whose backbone does not train (--freeze-layers).
+
+    The class-token features of the validation images stay the same from epoch to epoch:
+    the first evaluation computes and keeps them, later ones run only the pre-logits and
+    the head on them. Same numbers as evaluate(), a fraction of the time.
+    """
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # on the device
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, data_loader, device: torch.device, epoch: int,
+                 amp_dtype: torch.dtype | None = None, dist_info: Distributed | None = None,
+                 num_classes: int | None = None) -> EpochStats:
+        """evaluate() of the plain VisionTransformer, from the kept features when there are."""
+        model.eval()
+        if self.batches is not None:
+            return _validate(self.batches, lambda tokens, labels: model.head(
+                model.pre_logits(tokens)), device, epoch, amp_dtype, dist_info, num_classes)
+        computed = []
+
+        def features_then_head(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            tokens = model.forward_features(images)[:, 0]  # (B, D): the class token
+            computed.append((tokens, labels))
+            return model.head(model.pre_logits(tokens))
+
+        stats = _validate(data_loader, features_then_head, device, epoch, amp_dtype,
+                          dist_info, num_classes)
+        self.batches = computed
+        return stats
 
 
 def lr_lambda(epochs: int, lrf: float, warmup_epochs: int = 0):
@@ -452,127 +341,3 @@ def lr_lambda(epochs: int, lrf: float, warmup_epochs: int = 0):
         t = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1)
         return ((1 + math.cos(t * math.pi)) / 2) * (1 - lrf) + lrf
     return factor
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
-    """torch.save to a temporary file, then rename: a kill mid-write leaves the old file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def epoch_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
-    """(epoch, path) of every model-{epoch}.pth in folder, oldest first."""
-    found = []
-    for path in Path(folder).glob("model-*.pth"):
-        try:
-            found.append((int(path.stem.split("-", 1)[1]), path))
-        except ValueError:
-            continue
-    return sorted(found)
-
-
-def prune_checkpoints(folder: str | Path, keep: int | None) -> None:
-    """Delete all but the newest `keep` epoch checkpoints; best.pth is never touched."""
-    if keep is None:
-        return
-    for _, path in epoch_checkpoints(folder)[:-keep] if keep > 0 else epoch_checkpoints(folder):
-        path.unlink(missing_ok=True)
-
-
-def _to_cpu_copy(obj, devices: set[torch.device]):
-    """A deep copy with every tensor on the CPU, so training can go on while it is written.
-
-    GPU tensors are copied asynchronously (into pinned memory, in stream order, so before
-    the next step changes them); `devices` collects the GPUs to wait for before writing.
-    """
-    if isinstance(obj, torch.Tensor):
-        if obj.device.type == "cuda":
-            devices.add(obj.device)
-            return obj.detach().to("cpu", non_blocking=True)
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _to_cpu_copy(v, devices) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_to_cpu_copy(v, devices) for v in obj)
-    return obj
-
-
-class CheckpointWriter:
-    """Writes checkpoints on a background thread, one at a time, each atomically.
-
-    A ViT-B/16 checkpoint is 330 MB or more; writing it while the next epoch
-    trains keeps the GPU busy. wait() blocks until everything queued is on disk.
-    """
-
-    def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1)
-        self._pending = []
-
-    def save(self, checkpoint: dict, paths: list[Path], after=None) -> None:
-        devices: set[torch.device] = set()
-        snapshot = _to_cpu_copy(checkpoint, devices)
-        copied = []
-        for device in devices:  # the writer waits for the copies, the training thread not
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(device))
-            copied.append(event)
-
-        def write() -> None:
-            for event in copied:
-                event.synchronize()
-            for path in paths:
-                save_checkpoint(snapshot, path)
-            if after is not None:
-                after()
-
-        self._pending.append(self._pool.submit(write))
-
-    def run(self, work) -> None:
-        """Any other slow output (a TensorBoard figure), on the same thread, in order."""
-        self._pending.append(self._pool.submit(work))
-
-    def wait(self) -> None:
-        pending, self._pending = self._pending, []
-        for future in pending:
-            future.result()  # re-raises a failed write here, in the training thread
-
-    def close(self) -> None:
-        self.wait()
-        self._pool.shutdown()
-
-
-def peek_checkpoint(path: str | Path) -> dict | None:
-    """A train.py checkpoint's entries, or None for a file that is not one.
-
-    mmap reads only the pickled header and maps the tensors without reading them, so
-    looking at a ViT-B checkpoint's epoch, metrics or args is cheap.
-    """
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError,
-            zipfile.BadZipFile):
-        return None
-    return checkpoint if isinstance(checkpoint, dict) else None
-
-
-def find_checkpoint(folder: str | Path) -> Path | None:
-    """best.pth in folder, else the newest model-*.pth by epoch number, else None."""
-    folder = Path(folder)
-    if (folder / "best.pth").is_file():
-        return folder / "best.pth"
-    epochs = epoch_checkpoints(folder)
-    return epochs[-1][1] if epochs else None

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from checkpoints import Checkpoint, is_project_checkpoint
 from errors import UserError, WeightsError
 from vit_model import VisionTransformer, create_model, list_models
 
@@ -95,12 +96,11 @@ def read_weights(path: str | Path) -> Weights:
         tensors = read_safetensors(path)
     else:
         obj = _torch_load(path)
-        if isinstance(obj, dict) and "model" in obj and "model_args" in obj:
-            # A checkpoint written by train.py or convert.py.
-            return Weights(state_dict=_strip_prefixes(obj["model"]), format="this project",
-                           model_args=_checked_model_args(obj["model_args"], path),
-                           model_name=obj.get("model_name"),
-                           class_names=obj.get("class_names"))
+        if is_project_checkpoint(obj):  # written by train.py or convert.py
+            checkpoint = Checkpoint.from_dict(obj)
+            return Weights(state_dict=_strip_prefixes(checkpoint.model), format="this project",
+                           model_args=_checked_model_args(checkpoint.model_args, path),
+                           model_name=checkpoint.model_name, class_names=checkpoint.class_names)
         tensors = _unwrap(obj, path)
     return _to_project_names(tensors, path, container)
 

@@ -1,4 +1,4 @@
-"""The CUDA-only paths: CUDA graphs (utils.CudaGraphModel) and checkpoint copies from the GPU.
+"""The CUDA-only paths: CUDA graphs (cuda_graphs.py) and checkpoint copies from the GPU.
 
 CudaGraphModel: which batches replay the graphs, and that training is unchanged.
 
@@ -18,14 +18,10 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import train
-from utils import (
-    CheckpointWriter,
-    CudaGraphModel,
-    Distributed,
-    StepSettings,
-    evaluate,
-    train_one_epoch,
-)
+from checkpoints import CheckpointWriter
+from cuda_graphs import CudaGraphModel, use_cuda_graphs
+from distributed import Distributed
+from utils import EpochStats, StepSettings, evaluate, train_one_epoch
 from vit_model import VisionTransformer
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -67,7 +63,7 @@ class RecordingCapture:
 
 
 def train_epochs(model, loader, device: str, epochs: int = 2, amp_dtype=None,
-                 accum_steps: int = 1) -> list[dict]:
+                 accum_steps: int = 1) -> list[EpochStats]:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     settings = StepSettings(amp_dtype=amp_dtype, accum_steps=accum_steps)
     return [train_one_epoch(model, optimizer, loader, torch.device(device), epoch, settings)
@@ -86,10 +82,10 @@ def test_training_batches_replay_padded_and_the_rest_run_eagerly():
     assert capture.captured_shapes == [torch.Size([4, 3, 16, 16])]  # once, not per epoch
     # Two epochs x three batches, all replayed: the batch of 3 padded to the captured 4.
     assert capture.replayed_shapes == [torch.Size([4, 3, 16, 16])] * 6
-    assert [s["samples"] for s in graphed_stats] == [11, 11]
-    assert [s["acc"] for s in graphed_stats] == [s["acc"] for s in eager_stats]
+    assert [s.samples for s in graphed_stats] == [11, 11]
+    assert [s.acc for s in graphed_stats] == [s.acc for s in eager_stats]
     for e, g in zip(eager_stats, graphed_stats, strict=True):  # the padding changes nothing
-        assert g["loss"] == pytest.approx(e["loss"], rel=1e-6)
+        assert g.loss == pytest.approx(e.loss, rel=1e-6)
     for a, b in zip(eager.parameters(), graphed_model.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
@@ -112,7 +108,7 @@ def test_a_failed_capture_is_noted_once_and_training_goes_on_eagerly():
 
     assert len(notes) == 1 and "could not be captured" in notes[0]
     assert "training eagerly" in notes[0]
-    assert [s["loss"] for s in graphed_stats] == [s["loss"] for s in eager_stats]
+    assert [s.loss for s in graphed_stats] == [s.loss for s in eager_stats]
 
 
 def test_train_py_says_why_cuda_graphs_are_off_on_the_cpu(demo_flowers, tmp_path, capsys):
@@ -138,8 +134,8 @@ def test_train_py_says_why_cuda_graphs_are_off_on_the_cpu(demo_flowers, tmp_path
 def test_when_train_py_uses_cuda_graphs(flags, device, world_size, expected, note):
     args = train.get_args_parser().parse_args(flags)
     notes = []
-    used = train.use_cuda_graphs(args, torch.device(device), Distributed(world_size=world_size),
-                                 notes.append)
+    used = use_cuda_graphs(args.cuda_graphs, torch.device(device),
+                           Distributed(world_size=world_size), args.compile, notes.append)
     assert used is expected
     assert (notes == []) if note is None else (len(notes) == 1 and note in notes[0])
 
@@ -161,8 +157,8 @@ def test_cuda_graphs_train_like_eager_steps(amp_dtype, accum_steps):
     assert graphed.graphed is not None and not graphed.failed
     tolerance = 1e-5 if amp_dtype is None else 2e-2
     for e, g in zip(eager_stats, graphed_stats, strict=True):
-        assert g["samples"] == e["samples"] == 11
-        assert g["loss"] == pytest.approx(e["loss"], rel=tolerance, abs=tolerance)
+        assert g.samples == e.samples == 11
+        assert g.loss == pytest.approx(e.loss, rel=tolerance, abs=tolerance)
     for a, b in zip(eager.parameters(), graphed_model.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=tolerance, atol=tolerance)
 

@@ -1,0 +1,145 @@
+"""The checkpoint format (checkpoints.py): its version, old files, atomic writes, a run's folder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from checkpoints import (
+    BEST_FILE,
+    FORMAT_VERSION,
+    Checkpoint,
+    epoch_checkpoints,
+    epoch_file,
+    find_checkpoint,
+    load_resumable,
+    make_checkpoint,
+    peek_checkpoint,
+    prune_checkpoints,
+    read_progress,
+    read_train_args,
+    restore_training_state,
+    save_checkpoint,
+    training_state,
+)
+from errors import UserError, WriteError
+from vit_model import VisionTransformer
+from weights import read_weights
+
+CLASSES = ["daisy", "roses", "tulips"]
+
+
+def tiny_model() -> VisionTransformer:
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                             num_classes=len(CLASSES))
+
+
+def training_parts(model: VisionTransformer):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 0.5 ** epoch)
+    return optimizer, scheduler
+
+
+def test_an_epoch_checkpoint_round_trips_with_its_version(tmp_path):
+    model = tiny_model()
+    optimizer, scheduler = training_parts(model)
+    model(torch.randn(2, 3, 16, 16)).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    checkpoint = make_checkpoint(model, "vit_tiny", CLASSES, {"seed": 3, "val_rate": 0.2}, 4,
+                                 {"val_acc": 0.75}, best_acc=0.8, log_dir="runs/x",
+                                 samples={"train": 10, "val": 3},
+                                 **training_state(optimizer, scheduler, None))
+    save_checkpoint(checkpoint, tmp_path / "model-4.pth")
+
+    raw = torch.load(tmp_path / "model-4.pth", weights_only=True)
+    assert raw["format_version"] == FORMAT_VERSION == 1
+    assert "scaler" not in raw and "interrupted_in_epoch" not in raw  # no value, no key
+    back = peek_checkpoint(tmp_path / "model-4.pth")
+    assert (back.epoch, back.metrics, back.best_acc, back.samples) == (
+        4, {"val_acc": 0.75}, 0.8, {"train": 10, "val": 3})
+    assert back.class_names == CLASSES and back.model_name == "vit_tiny"
+    assert back.model_args == model.model_args and back.resumable
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(back.model[name], tensor)
+    assert read_progress(tmp_path / "model-4.pth") == (4, {"val_acc": 0.75})
+    assert read_train_args(tmp_path / "model-4.pth") == {"seed": 3, "val_rate": 0.2}
+
+    # The restored optimizer and schedule go on where the saved ones were.
+    fresh = tiny_model()
+    fresh.load_state_dict(back.model)
+    fresh_optimizer, fresh_scheduler = training_parts(fresh)
+    restore_training_state(load_resumable(tmp_path / "model-4.pth"), fresh_optimizer,
+                           fresh_scheduler, None)
+    assert fresh_scheduler.last_epoch == 1 and fresh_optimizer.param_groups[0]["lr"] == 0.05
+    momentum = next(iter(fresh_optimizer.state.values()))["momentum_buffer"]
+    assert torch.equal(momentum, next(iter(optimizer.state.values()))["momentum_buffer"])
+
+
+def test_a_checkpoint_without_a_version_as_written_before_it_loads(tmp_path):
+    model = tiny_model()
+    optimizer, scheduler = training_parts(model)
+    # The dict train.py wrote before the format had a version: every key, scaler None.
+    old = {"model": model.state_dict(), "model_name": "vit_tiny",
+           "model_args": model.model_args, "class_names": CLASSES, "epoch": 0,
+           "metrics": {"val_acc": 0.5, "train_loss": 1.0}, "args": {"seed": 0},
+           "best_acc": 0.5, "optimizer": optimizer.state_dict(),
+           "lr_scheduler": scheduler.state_dict(), "scaler": None,
+           "rng_states": {"torch": torch.get_rng_state(), "python": (3, (0,) * 625, None)},
+           "log_dir": "runs/old", "samples": {"train": 8, "val": 2}}
+    torch.save(old, tmp_path / "model-0.pth")
+
+    checkpoint = load_resumable(tmp_path / "model-0.pth")
+    assert checkpoint.epoch == 0 and checkpoint.scaler is None and checkpoint.log_dir == "runs/old"
+    assert read_progress(tmp_path / "model-0.pth") == (0, old["metrics"])
+    weights = read_weights(tmp_path / "model-0.pth")
+    assert weights.format == "this project" and weights.class_names == CLASSES
+    # Saved again, it gets the version and keeps every value.
+    save_checkpoint(checkpoint, tmp_path / "again.pth")
+    again = torch.load(tmp_path / "again.pth", weights_only=True)
+    assert again["format_version"] == FORMAT_VERSION
+    assert {k: v for k, v in again.items() if k not in ("format_version", "model", "optimizer",
+                                                        "lr_scheduler", "rng_states")} == {
+        k: v for k, v in old.items() if k not in ("model", "optimizer", "lr_scheduler",
+                                                  "rng_states", "scaler")}
+
+
+def test_a_newer_format_and_files_that_are_no_checkpoint(tmp_path):
+    model = tiny_model()
+    newer = {"format_version": FORMAT_VERSION + 1, "model": model.state_dict(),
+             "model_args": model.model_args}
+    with pytest.raises(UserError, match="format version 2"):
+        Checkpoint.from_dict(newer)
+    torch.save(model.state_dict(), tmp_path / "bare.pth")
+    (tmp_path / "text.pth").write_text("not a checkpoint")
+    for name in ("bare.pth", "text.pth", "missing.pth"):
+        assert peek_checkpoint(tmp_path / name) is None
+        assert read_progress(tmp_path / name) is None and read_train_args(tmp_path / name) == {}
+    with pytest.raises(UserError, match="no optimizer state"):
+        save_checkpoint(Checkpoint(model=model.state_dict(), model_args=model.model_args),
+                        tmp_path / "weights-only.pth")
+        load_resumable(tmp_path / "weights-only.pth")
+    with pytest.raises(UserError, match="cannot be read"):
+        load_resumable(tmp_path / "text.pth")
+
+
+def test_a_failed_write_says_so_and_leaves_no_temporary_file(tmp_path):
+    (tmp_path / "best.pth").mkdir()  # a folder where the file should go
+    with pytest.raises(WriteError, match="Cannot write .*best.pth"):
+        save_checkpoint({"w": torch.zeros(1)}, tmp_path / "best.pth")
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pth"]
+
+
+def test_a_runs_folder_newest_best_and_pruning(tmp_path):
+    assert find_checkpoint(tmp_path) is None
+    for epoch in (0, 2, 10):
+        save_checkpoint({"epoch": epoch}, tmp_path / epoch_file(epoch))
+    (tmp_path / "model-final.pth").write_bytes(b"")  # not an epoch checkpoint
+    assert [epoch for epoch, _ in epoch_checkpoints(tmp_path)] == [0, 2, 10]  # by number
+    assert find_checkpoint(tmp_path) == tmp_path / "model-10.pth"
+    save_checkpoint({"epoch": 2}, tmp_path / BEST_FILE)
+    assert find_checkpoint(tmp_path) == tmp_path / BEST_FILE
+    prune_checkpoints(tmp_path, 1)
+    assert [epoch for epoch, _ in epoch_checkpoints(tmp_path)] == [10]
+    assert (tmp_path / BEST_FILE).is_file()
