@@ -27,6 +27,9 @@ from tqdm import tqdm
 from checkpoints import atomic_write_bytes
 from distributed import Distributed, all_reduce_sums
 from errors import NonFiniteLossError, UserError
+
+# The reproduced repository's grad_cam/utils.py names, so its main_vit.py runs on this module.
+from grad_cam import GradCAM, center_crop_img, show_cam_on_image  # noqa: F401
 from my_dataset import IMG_EXTENSIONS_HINT, check_image, is_image_file
 
 
