@@ -48,7 +48,7 @@ class CudaGraphModel(nn.Module):
     """Runs training steps as replayed CUDA graphs of one captured batch shape.
 
     At small batches an eager ViT-B/16 step is bound by launching its ~830 kernels from
-    Python, not by the GPU (BENCHMARKS.md: 24.8 ms eager, 14.3 ms replayed at batch 32).
+    Python, not by the GPU (BENCHMARKS.md measures the step both ways).
     The first training batch's forward and backward are captured once with
     torch.cuda.make_graphed_callables; later batches replay the graphs. A shorter last
     batch is padded with zero images to the captured size and its extra logits dropped:
@@ -87,8 +87,8 @@ class CudaGraphModel(nn.Module):
             with torch.autocast(images.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None, cache_enabled=False), \
                     warnings.catch_warnings():
-                # make_graphed_callables warms up and captures on a stream of its own; torch
-                # >= 2.10 warns there that gradients cross streams and that cuBLAS found no
+                # make_graphed_callables warms up and captures on a stream of its own; recent
+                # torch versions warn there that gradients cross streams and that cuBLAS found no
                 # context on the backward thread. Both are expected and harmless here.
                 for message in ("The AccumulateGrad node's stream", "Attempting to run cuBLAS"):
                     warnings.filterwarnings("ignore", category=UserWarning, message=message)

@@ -472,7 +472,7 @@ _GOOGLE_TOP = {
 
 
 def _from_google(tensors: dict[str, torch.Tensor], path: Path) -> Weights:
-    """Google's Flax names and layouts -> ours (see REFERENCE.md's mapping table)."""
+    """Google's Flax names and layouts -> ours (the mapping table in docs/DESIGN.md)."""
     prefix = next(k for k in sorted(tensors) if k.endswith("embedding/kernel"))
     prefix = prefix[: -len("embedding/kernel")]
     if f"{prefix}Transformer/encoderblock_0/LayerNorm_0/scale" not in tensors:
@@ -569,7 +569,7 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix_tokens
     as the paper does for higher resolutions. The choice is timm's when it filters a
     state dict: bicubic, align_corners=False, antialias=True (PyTorch then uses the
     PIL-style cubic, which also low-pass filters when shrinking), computed in float32.
-    Other ports differ slightly (see REFERENCE.md), so fine-tuning is what makes the
+    Other ports differ slightly (docs/DESIGN.md), so fine-tuning is what makes the
     result good, not the choice of filter.
     """
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
