@@ -95,6 +95,10 @@ def read_split_data(root: str | Path, val_rate: float = 0.2, seed: int = 0,
     if not any(per_class.values()):
         raise UserError(f"No readable images under {root}; expected files such as "
                         f"{root}/{class_names[0]}/image.jpg ({IMG_EXTENSIONS_HINT}).")
+    for label, name in enumerate(class_names):
+        if not per_class[name]:  # still a class, numbered as the reproduced code numbers it
+            warn(f"warning: {root / name} has no readable images; class {label} ({name}) "
+                 f"gets none to train or validate on.")
 
     rng = random.Random(seed)  # a generator of our own: the global RNG is left alone
     split = Split(class_names, [], [], [], [], skipped)
