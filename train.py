@@ -34,6 +34,7 @@ from checkpoints import (
     INTERRUPTED_FILE,
     Checkpoint,
     CheckpointWriter,
+    epoch_checkpoints,
     epoch_file,
     load_resumable,
     lock_run_folder,
@@ -265,12 +266,18 @@ def check_args(args: argparse.Namespace) -> None:
             nearest = max(patch, round(args.img_size / patch) * patch)
             raise UserError(f"--img-size {args.img_size} is not a multiple of "
                             f"{args.model_name}'s {patch} px patches; try {nearest}.")
+    data = Path(args.data_path).resolve()
     for flag, folder in (("--output-dir", args.output_dir), ("--log-dir", args.log_dir)):
+        if not folder:
+            raise UserError(f"{flag} is empty; name a folder ('.' for this one).")
         in_the_way = next((p for p in (Path(folder), *Path(folder).parents)
                            if p.exists() and not p.is_dir()), None)
         if in_the_way is not None:
             raise UserError(f"{flag} {folder}: {in_the_way} is a file, not a folder; pass "
                             f"another {flag}.")
+        if data.is_dir() and Path(folder).resolve().is_relative_to(data):
+            raise UserError(f"{flag} {folder} is inside --data-path {args.data_path}, where "
+                            f"every folder is a class; pass a folder outside it.")
 
 
 def range_problems(args: argparse.Namespace) -> list[str]:
@@ -405,7 +412,7 @@ def read_resume(args: argparse.Namespace, log=print) -> Checkpoint | None:
     if not args.resume:
         return None
     if args.resume == "auto":
-        path = newest_epoch_checkpoint(args.output_dir)
+        path, checkpoint = newest_readable_checkpoint(args.output_dir, log)
         if path is None:
             log(f"--resume auto: no checkpoint in {args.output_dir}; starting fresh.")
             return None
@@ -413,10 +420,29 @@ def read_resume(args: argparse.Namespace, log=print) -> Checkpoint | None:
         path = Path(args.resume)
         if not path.is_file():
             raise UserError(f"--resume {path}: no such checkpoint.")
-    checkpoint = load_resumable(path)
+        checkpoint = load_resumable(path)
     check_same_run(args, checkpoint, path, log)
     log(f"Resuming from {path} (epoch {checkpoint.epoch} done).")
+    if checkpoint.epoch + 1 >= args.epochs:
+        log(f"note: that is the last of --epochs {args.epochs}; nothing more to train (raise "
+            f"--epochs to train on).")
     return checkpoint
+
+
+def newest_readable_checkpoint(folder: str, log=print
+                               ) -> tuple[Path | None, Checkpoint | None]:
+    """--resume auto: the newest epoch checkpoint that loads; a damaged one is passed over
+    (and overwritten when the run gets to its epoch again)."""
+    found = epoch_checkpoints(folder)
+    for _, path in reversed(found):
+        try:
+            return path, load_resumable(path)
+        except UserError as err:
+            log(f"note: passing over {path}: {err}")
+    if found:
+        raise UserError(f"--resume auto: none of the {len(found)} epoch checkpoints in {folder} "
+                        f"can be read; pass another --output-dir to start a new run.")
+    return None, None
 
 
 # What a resumed run cannot change: the optimizer state holds what these chose (which
