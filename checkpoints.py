@@ -18,8 +18,9 @@ import contextlib
 import os
 import pickle
 import random
+import shutil
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -38,6 +39,7 @@ BEST_FILE = "best.pth"                    # the epoch with the highest validatio
 INTERRUPTED_FILE = "interrupted.pth"      # the weights at Ctrl-C; no optimizer state
 CLASS_INDICES_FILE = "class_indices.json"  # {"0": "daisy", ...}, as the reproduced repository
 _EPOCH_PREFIX, _SUFFIX = "model-", ".pth"
+LOCK_FILE = ".train.lock"               # held by the run writing into the folder
 
 
 def epoch_file(epoch: int) -> str:
@@ -119,37 +121,40 @@ def make_checkpoint(model: nn.Module, model_name: str, class_names: list[str],
 
 # --------------------------------------------------------------------------- writing
 
-def _write_error(path: Path, err: OSError) -> WriteError:
-    return WriteError(f"Cannot write {path} ({err.strerror or err}); check the folder and the "
-                      f"free space.")
+def _write_error(path: Path, err: Exception) -> WriteError:
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else None
+    if reason is None:  # torch.save reports a full disk as a RuntimeError of its C++ writer
+        reason = "the write failed; is the disk full?" if isinstance(err, RuntimeError) else err
+    return WriteError(f"Cannot write {path} ({reason}); check the folder and the free space.")
+
+
+def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """write(tmp), then rename tmp to path: a kill mid-write leaves the old file intact."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        raise _write_error(path, err) from None
+    finally:
+        with contextlib.suppress(OSError):  # in a read-only folder: keep the first error
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file, then rename: a kill mid-write leaves the old file intact."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError as err:
-        raise _write_error(path, err) from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write data to path atomically (through a temporary file and a rename)."""
+    _write_atomically(Path(path), lambda tmp: tmp.write_bytes(data))
 
 
 def save_checkpoint(checkpoint: Checkpoint | dict, path: str | Path) -> None:
     """torch.save atomically; a Checkpoint as its dict, any other dict (a bare state dict) as is."""
     path = Path(path)
     obj = checkpoint.to_dict() if isinstance(checkpoint, Checkpoint) else checkpoint
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
     except OSError as err:
         raise _write_error(path, err) from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    _write_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _to_cpu_copy(obj, devices: set[torch.device]):
@@ -180,9 +185,13 @@ class CheckpointWriter:
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1)
         self._pending = []
+        self._last_save = None
 
     def save(self, checkpoint: Checkpoint | dict, paths: list[Path],
              after: Callable[[], None] | None = None) -> None:
+        """Queue a write of checkpoint to each of paths, then after(); first raise the error
+        of an earlier write that failed, so a run never trains on while nothing is saved."""
+        self._raise_failures()
         devices: set[torch.device] = set()
         obj = checkpoint.to_dict() if isinstance(checkpoint, Checkpoint) else checkpoint
         snapshot = _to_cpu_copy(obj, devices)
@@ -200,11 +209,20 @@ class CheckpointWriter:
             if after is not None:
                 after()
 
-        self._pending.append(self._pool.submit(write))
+        self._last_save = self._pool.submit(write)
+        self._pending.append(self._last_save)
 
     def run(self, work: Callable[[], object]) -> None:
         """Any other slow output (a TensorBoard figure), on the same thread, in order."""
         self._pending.append(self._pool.submit(work))
+
+    def _raise_failures(self) -> None:
+        """Raise the error of a finished job, and of the previous save, finished or not: it
+        has had a whole epoch to finish, so waiting for it costs nothing."""
+        finished = [f for f in self._pending if f.done() or f is self._last_save]
+        self._pending = [f for f in self._pending if f not in finished]
+        for future in finished:
+            future.result()
 
     def wait(self) -> None:
         pending, self._pending = self._pending, []
@@ -212,8 +230,10 @@ class CheckpointWriter:
             future.result()  # re-raises a failed write here, in the training thread
 
     def close(self) -> None:
-        self.wait()
-        self._pool.shutdown()
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown()
 
 
 # --------------------------------------------------------------------------- reading
@@ -298,6 +318,74 @@ def prune_checkpoints(folder: str | Path, keep: int | None) -> None:
         path.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def lock_run_folder(folder: str | Path) -> Iterator[None]:
+    """Hold folder for one training run; a second run into it is refused with a UserError.
+
+    An flock on an open file: the kernel releases it when the process ends, however it ends,
+    so a crashed or killed run never leaves the folder locked. The file names the holder's pid.
+    """
+    import fcntl  # POSIX only; imported here so that reading checkpoints works everywhere
+
+    path = Path(folder) / LOCK_FILE
+    try:
+        handle = open(path, "a+")  # "a+": the holder's pid stays readable until locked
+    except OSError as err:
+        raise _write_error(path, err) from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise UserError(f"{folder} is in use by another training run (pid {holder}); wait "
+                            f"for it to finish or pass another --output-dir.") from None
+        try:
+            handle.truncate(0)
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+        except OSError as err:
+            raise _write_error(path, err) from None
+        yield
+
+
+def remove_temporary_files(folder: str | Path) -> list[Path]:
+    """Delete the .*.tmp files that writes killed midway left in folder; return them.
+
+    Only safe while holding lock_run_folder(folder): then no write of ours is under way.
+    """
+    removed = []
+    for path in Path(folder).glob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+def restore_best(folder: str | Path) -> Path | None:
+    """Make best.pth hold the best epoch checkpoint in folder, by val_acc, if it does not.
+
+    A run killed while writing best.pth leaves none (later epochs may never beat that one),
+    and a file may be damaged. best.pth is kept when it is readable and at least as good as
+    every epoch checkpoint (with --keep, its epoch may be gone). Returns the epoch checkpoint
+    copied, or None when best.pth was right or there is nothing to copy.
+    """
+    folder = Path(folder)
+    scored = []
+    for epoch, path in epoch_checkpoints(folder):
+        progress = read_progress(path)
+        if progress is not None and "val_acc" in progress[1]:
+            scored.append((progress[1]["val_acc"], -epoch, path))  # ties: the earliest epoch
+    if not scored:
+        return None
+    best_acc, _, source = max(scored)
+    current = read_progress(folder / BEST_FILE)
+    if current is not None and current[1].get("val_acc", -1.0) >= best_acc:
+        return None
+    _write_atomically(folder / BEST_FILE, lambda tmp: shutil.copyfile(source, tmp))
+    return source
+
+
 # --------------------------------------------------------------------------- resume state
 
 def rng_states() -> dict:
@@ -328,7 +416,11 @@ def restore_training_state(checkpoint: Checkpoint, optimizer: torch.optim.Optimi
                            scheduler: torch.optim.lr_scheduler.LRScheduler,
                            scaler: torch.amp.GradScaler | None) -> None:
     """Put optimizer, scheduler, scaler and the random generators back where they were."""
-    optimizer.load_state_dict(checkpoint.optimizer)
+    try:
+        optimizer.load_state_dict(checkpoint.optimizer)
+    except (ValueError, KeyError) as err:  # another optimizer, or other parameters training
+        raise UserError(f"--resume: the checkpoint's optimizer state does not fit this run "
+                        f"({err}); resume with the flags the run was trained with.") from None
     scheduler.load_state_dict(checkpoint.lr_scheduler)
     if scaler is not None and checkpoint.scaler:
         scaler.load_state_dict(checkpoint.scaler)

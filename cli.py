@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable
 
@@ -11,9 +12,27 @@ from errors import ProjectError
 DEFAULT_MODEL = "vit_base_patch16_224_in21k"
 
 
+def _interrupted_while_importing(signum: int, frame: object) -> None:
+    print("\nInterrupted.", file=sys.stderr)
+    raise SystemExit(130)
+
+
+def quiet_ctrl_c_while_importing() -> None:
+    """Ctrl-C exits 130 with one line, no traceback, until run_main takes over.
+
+    For a script's ``if __name__ == "__main__":`` block above its heavy imports: torch
+    takes seconds to import, and Python's own handler would print a KeyboardInterrupt
+    traceback from deep inside it. A Ctrl-C that was ignored (nohup) stays ignored.
+    """
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupted_while_importing)
+
+
 def run_main(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Call run(args); a ProjectError becomes one ``error:`` line on stderr and its exit code,
     Ctrl-C exit 130 without a traceback."""
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_importing:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # run() handles Ctrl-C
     try:
         return run(args)
     except ProjectError as err:

@@ -11,12 +11,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+if __name__ == "__main__":  # before torch's seconds-long import: Ctrl-C then exits 130 quietly
+    from cli import quiet_ctrl_c_while_importing
+
+    quiet_ctrl_c_while_importing()
 
 import torch
 from torch import nn
@@ -28,11 +34,15 @@ from checkpoints import (
     INTERRUPTED_FILE,
     Checkpoint,
     CheckpointWriter,
+    epoch_checkpoints,
     epoch_file,
     load_resumable,
+    lock_run_folder,
     make_checkpoint,
     newest_epoch_checkpoint,
     prune_checkpoints,
+    remove_temporary_files,
+    restore_best,
     restore_training_state,
     save_checkpoint,
     training_state,
@@ -42,7 +52,7 @@ from cuda_graphs import CudaGraphModel, use_cuda_graphs
 from demo_data import make_demo_flowers
 from distributed import Distributed, ShardSampler, barrier, init_distributed, shut_down
 from download import WEIGHTS_FILE
-from errors import UserError
+from errors import UserError, WeightsError, WriteError
 from my_dataset import MyDataSet, build_transforms
 from utils import (
     EpochStats,
@@ -159,7 +169,10 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     runs = parser.add_argument_group("never lose a run")
     runs.add_argument("--resume", default=None, metavar="CKPT",
                       help="continue from a model-*.pth; 'auto' takes the newest in "
-                           "--output-dir (and starts fresh when there is none)")
+                           "--output-dir (and starts fresh when there is none). Give the "
+                           "command of the run: another --freeze-layers or --opt is refused; "
+                           "the model, --img-size, --drop-path, --lr, --momentum and --wd "
+                           "are the checkpoint's (a note says when they differ)")
     runs.add_argument("--keep", type=int, default=None, metavar="N",
                       help="keep only the newest N epoch checkpoints besides best.pth "
                            "(default: all, as the report)")
@@ -200,6 +213,7 @@ def apply_demo_settings(args: argparse.Namespace, given: set[str]) -> None:
     for name, value in DEMO_SETTINGS.items():
         if name not in given:
             setattr(args, name, value)
+    check_args(args)  # a wrong flag stops the run before the demo data is written
     if Path(args.data_path) == DEMO_DATA:
         print(f"Demo: writing synthetic flower images to {DEMO_DATA} (not real photographs).")
         make_demo_flowers(DEMO_DATA)
@@ -212,16 +226,17 @@ def train(args: argparse.Namespace) -> int:
     check_args(args)
     setup = set_up(args)
     split = read_data(args, setup)
-    resume = read_resume(args, setup.log)
-    model = build_or_resume_model(args, split, resume, setup)
-    train_loader, val_loader = build_loaders(args, split, model, setup)
-    optimisation = build_optimisation(args, model, setup, resumed=resume is not None)
-    progress = start_or_resume(args, resume, optimisation)
-    del resume  # its tensors are in the model and the optimizer now; free the copies
-    wrappers = wrap_for_training(model, args, setup, optimisation.settings)
-    outputs = RunOutputs(args, split, progress.log_dir) if setup.dist_info.is_main else None
-    return run_epochs(args, setup, split, wrappers, (train_loader, val_loader), optimisation,
-                      progress, outputs)
+    with claim_output_dir(args, setup):
+        resume = read_resume(args, setup.log)
+        model = build_or_resume_model(args, split, resume, setup)
+        train_loader, val_loader = build_loaders(args, split, model, setup)
+        optimisation = build_optimisation(args, model, setup, resumed=resume is not None)
+        progress = start_or_resume(args, resume, optimisation)
+        del resume  # its tensors are in the model and the optimizer now; free the copies
+        wrappers = wrap_for_training(model, args, setup, optimisation.settings)
+        outputs = RunOutputs(args, split, progress.log_dir) if setup.dist_info.is_main else None
+        return run_epochs(args, setup, split, wrappers, (train_loader, val_loader),
+                          optimisation, progress, outputs)
 
 
 # --------------------------------------------------------------------------- set-up
@@ -235,10 +250,75 @@ class Setup:
     log: Callable[..., None]
 
 
+# Inputs larger than this are a typo (a ViT-B/16 at 4096 px has 65536 patches per image).
+MAX_IMG_SIZE = 4096
+
+
 def check_args(args: argparse.Namespace) -> None:
-    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or args.accum_steps < 1:
-        raise UserError("--epochs, --batch-size and --accum-steps must be at least 1 and --lr "
-                        "positive.")
+    """Every flag's range, before anything is read or written: one line for the first wrong."""
+    problems = range_problems(args)
+    if problems:
+        raise UserError(problems[0])
+    if args.img_size is not None:
+        # depth 0 and one class: only the patch size is wanted, not a whole model
+        patch = create_model(args.model_name, depth=0, num_classes=1).patch_embed.patch_size[0]
+        if args.img_size % patch:
+            nearest = max(patch, round(args.img_size / patch) * patch)
+            raise UserError(f"--img-size {args.img_size} is not a multiple of "
+                            f"{args.model_name}'s {patch} px patches; try {nearest}.")
+    data = Path(args.data_path).resolve()
+    for flag, folder in (("--output-dir", args.output_dir), ("--log-dir", args.log_dir)):
+        if not folder:
+            raise UserError(f"{flag} is empty; name a folder ('.' for this one).")
+        in_the_way = next((p for p in (Path(folder), *Path(folder).parents)
+                           if p.exists() and not p.is_dir()), None)
+        if in_the_way is not None:
+            raise UserError(f"{flag} {folder}: {in_the_way} is a file, not a folder; pass "
+                            f"another {flag}.")
+        if data.is_dir() and Path(folder).resolve().is_relative_to(data):
+            raise UserError(f"{flag} {folder} is inside --data-path {args.data_path}, where "
+                            f"every folder is a class; pass a folder outside it.")
+
+
+def range_problems(args: argparse.Namespace) -> list[str]:
+    """What is out of range among the numeric flags, each as one sentence."""
+    def finite(value: float | None) -> bool:
+        return value is None or math.isfinite(value)
+
+    checks = [
+        (args.epochs >= 1, f"--epochs must be at least 1, got {args.epochs}."),
+        (args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}."),
+        (args.accum_steps >= 1, f"--accum-steps must be at least 1, got {args.accum_steps}."),
+        (args.val_batch_size is None or args.val_batch_size >= 1,
+         f"--val-batch-size must be at least 1, got {args.val_batch_size}."),
+        (args.workers is None or args.workers >= 0,
+         f"--workers must be 0 or more, got {args.workers}."),
+        (args.num_classes is None or args.num_classes >= 1,
+         f"--num-classes must be at least 1, got {args.num_classes}."),
+        (args.keep is None or args.keep >= 1,
+         f"--keep must be at least 1 (the newest epoch checkpoint is what --resume continues "
+         f"from), got {args.keep}."),
+        (finite(args.lr) and args.lr > 0, f"--lr must be a positive number, got {args.lr}."),
+        # Above 1 the schedule rises instead of decaying; allowed, but never negative.
+        (finite(args.lrf) and args.lrf >= 0, f"--lrf must be 0 or more, got {args.lrf}."),
+        (finite(args.momentum) and 0 <= args.momentum < 1,
+         f"--momentum must be in [0, 1), got {args.momentum}."),
+        (finite(args.wd) and args.wd >= 0, f"--wd must be 0 or more, got {args.wd}."),
+        (0 <= args.warmup_epochs < args.epochs,
+         f"--warmup-epochs must be in [0, --epochs), got {args.warmup_epochs} with --epochs "
+         f"{args.epochs}."),
+        (args.clip_grad is None or (finite(args.clip_grad) and args.clip_grad > 0),
+         f"--clip-grad must be a positive norm, got {args.clip_grad}."),
+        (finite(args.label_smoothing) and 0 <= args.label_smoothing < 1,
+         f"--label-smoothing must be in [0, 1), got {args.label_smoothing}."),
+        (finite(args.drop_path) and 0 <= args.drop_path < 1,
+         f"--drop-path must be in [0, 1), got {args.drop_path}."),
+        (finite(args.val_rate) and 0 < args.val_rate < 1,
+         f"--val-rate must be between 0 and 1, got {args.val_rate}."),
+        (args.img_size is None or 1 <= args.img_size <= MAX_IMG_SIZE,
+         f"--img-size must be between 1 and {MAX_IMG_SIZE} pixels, got {args.img_size}."),
+    ]
+    return [message for ok, message in checks if not ok]
 
 
 def set_up(args: argparse.Namespace) -> Setup:
@@ -301,6 +381,30 @@ def read_data(args: argparse.Namespace, setup: Setup) -> Split:
     return split
 
 
+# --------------------------------------------------------------------------- the output folder
+
+@contextlib.contextmanager
+def claim_output_dir(args: argparse.Namespace, setup: Setup) -> Iterator[None]:
+    """Make the output and log folders and hold the output folder while the run lasts.
+
+    Rank 0 holds it: a second run into the same folder is refused, and the temporary files
+    of a write that was killed midway are removed.
+    """
+    if not setup.dist_info.is_main:
+        yield
+        return
+    for folder in (args.output_dir, args.log_dir):
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise WriteError(f"Cannot create the folder {folder} ({err.strerror or err}); "
+                             f"pass another --output-dir or --log-dir.") from None
+    with lock_run_folder(args.output_dir):
+        for path in remove_temporary_files(args.output_dir):
+            setup.log(f"note: removed {path}, left by a write that was interrupted.")
+        yield
+
+
 # --------------------------------------------------------------------------- model and resume
 
 def read_resume(args: argparse.Namespace, log=print) -> Checkpoint | None:
@@ -308,7 +412,7 @@ def read_resume(args: argparse.Namespace, log=print) -> Checkpoint | None:
     if not args.resume:
         return None
     if args.resume == "auto":
-        path = newest_epoch_checkpoint(args.output_dir)
+        path, checkpoint = newest_readable_checkpoint(args.output_dir, log)
         if path is None:
             log(f"--resume auto: no checkpoint in {args.output_dir}; starting fresh.")
             return None
@@ -316,9 +420,60 @@ def read_resume(args: argparse.Namespace, log=print) -> Checkpoint | None:
         path = Path(args.resume)
         if not path.is_file():
             raise UserError(f"--resume {path}: no such checkpoint.")
-    checkpoint = load_resumable(path)
+        checkpoint = load_resumable(path)
+    check_same_run(args, checkpoint, path, log)
     log(f"Resuming from {path} (epoch {checkpoint.epoch} done).")
+    if checkpoint.epoch + 1 >= args.epochs:
+        log(f"note: that is the last of --epochs {args.epochs}; nothing more to train (raise "
+            f"--epochs to train on).")
     return checkpoint
+
+
+def newest_readable_checkpoint(folder: str, log=print
+                               ) -> tuple[Path | None, Checkpoint | None]:
+    """--resume auto: the newest epoch checkpoint that loads; a damaged one is passed over
+    (and overwritten when the run gets to its epoch again)."""
+    found = epoch_checkpoints(folder)
+    for _, path in reversed(found):
+        try:
+            return path, load_resumable(path)
+        except UserError as err:
+            log(f"note: passing over {path}: {err}")
+    if found:
+        raise UserError(f"--resume auto: none of the {len(found)} epoch checkpoints in {folder} "
+                        f"can be read; pass another --output-dir to start a new run.")
+    return None, None
+
+
+# What a resumed run cannot change: the optimizer state holds what these chose (which
+# parameters train, and which optimizer's moments).
+FIXED_ON_RESUME = ("freeze_layers", "opt")
+# What a resumed run takes from the checkpoint, whatever the command says: the model is
+# rebuilt from the file, and the optimizer's state carries its rate, momentum and decay.
+TAKEN_FROM_CHECKPOINT = ("model_name", "img_size", "drop_path", "lr", "momentum", "wd")
+
+
+def check_same_run(args: argparse.Namespace, checkpoint: Checkpoint, path: Path,
+                   log=print) -> None:
+    """Refuse a flag that changes FIXED_ON_RESUME; note those TAKEN_FROM_CHECKPOINT."""
+    def flag(name: str, value) -> str:
+        dashed = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            return dashed if value else dashed.replace("--", "--no-", 1)
+        return f"{dashed} {value}"
+
+    saved = checkpoint.args
+    for name in FIXED_ON_RESUME:
+        if name in saved and saved[name] != getattr(args, name):
+            raise UserError(f"--resume: {path} was trained with {flag(name, saved[name])}, the "
+                            f"command says {flag(name, getattr(args, name))}; use "
+                            f"{flag(name, saved[name])} to continue that run, or another "
+                            f"--output-dir for a new one.")
+    differ = [flag(name, saved[name]) for name in TAKEN_FROM_CHECKPOINT
+              if name in saved and saved[name] != getattr(args, name)]
+    if differ:
+        log(f"note: the resumed run keeps its {', '.join(differ)}; the command's values for "
+            f"these are not used.")
 
 
 def build_or_resume_model(args: argparse.Namespace, split: Split, resume: Checkpoint | None,
@@ -338,18 +493,28 @@ def build_or_resume_model(args: argparse.Namespace, split: Split, resume: Checkp
 def build_model(args: argparse.Namespace, num_classes: int, log=print) -> VisionTransformer:
     """The model to fine-tune, with the pretrained weights loaded when --weights is given."""
     overrides = dict(num_classes=num_classes, has_logits=False)
-    if args.img_size:
+    if args.img_size is not None:
         overrides["img_size"] = args.img_size
     if args.drop_path:
         overrides["drop_path_rate"] = args.drop_path
-    if not args.weights:
-        return create_model(args.model_name, **overrides)
-    if not Path(args.weights).exists():  # a Hugging Face folder is fine too
+    if args.weights and not Path(args.weights).exists():  # a Hugging Face folder is fine too
         raise UserError(f"Weights file {args.weights} not found: download it with "
                         f"'python download.py weights' (or add --download), or pass "
                         f"--weights '' to train from scratch.")
-    weights = read_weights(args.weights)
-    model = build_model_for(weights, args.model_name, fine_tune=overrides)
+    try:
+        weights = read_weights(args.weights) if args.weights else None
+    except OSError as err:  # unreadable (permissions, an I/O error), not malformed
+        raise WeightsError(f"--weights {args.weights} cannot be read "
+                           f"({err.strerror or err}).") from None
+    try:
+        if weights is None:
+            return create_model(args.model_name, **overrides)
+        model = build_model_for(weights, args.model_name, fine_tune=overrides)
+    except ValueError as err:  # PatchEmbed: the image is not a whole number of patches
+        if args.img_size is None:
+            raise
+        raise UserError(f"--img-size {args.img_size} does not fit {args.model_name}: "
+                        f"{err}") from None
     state_dict, report = fit_state_dict(model, weights.state_dict)
     model.load_state_dict(state_dict, strict=False)
     log(f"Weights {args.weights} ({weights.format}): {report}")
@@ -597,9 +762,29 @@ class RunOutputs:
         paths = [self.output_dir / epoch_file(epoch)]
         if is_best:
             paths.append(self.output_dir / BEST_FILE)
-        self.saver.save(checkpoint, paths,
-                        after=lambda: prune_checkpoints(self.output_dir, self.keep))
+        with self.stop_on_failed_write():
+            self.saver.save(checkpoint, paths,
+                            after=lambda: prune_checkpoints(self.output_dir, self.keep))
         self.saver.run(self.writer.flush)
+
+    @contextlib.contextmanager
+    def stop_on_failed_write(self) -> Iterator[None]:
+        """A failed write (disk full, a read-only folder) ends the run, naming what is safe."""
+        try:
+            yield
+        except WriteError as err:
+            last = newest_epoch_checkpoint(self.output_dir)
+            raise WriteError(f"{err} Training stopped; the last good checkpoint is "
+                             f"{last or 'none'}.") from None
+
+    def finish(self) -> None:
+        """Wait for every write; then best.pth holds the best epoch, even after a kill."""
+        with self.stop_on_failed_write():
+            self.saver.wait()
+            rebuilt_from = restore_best(self.output_dir)
+        if rebuilt_from is not None:
+            print(f"note: {self.output_dir / BEST_FILE} was missing or older than the best "
+                  f"epoch; copied {rebuilt_from} to it.")
 
     def save_interrupted(self, checkpoint: Checkpoint) -> Path:
         self.saver.wait()
@@ -608,7 +793,9 @@ class RunOutputs:
         return path
 
     def close(self) -> None:
-        self.saver.close()
+        """Stop the writers; what failed was raised by finish() or epoch_done() already."""
+        with contextlib.suppress(WriteError):
+            self.saver.close()
         self.writer.close()
 
 
@@ -637,11 +824,14 @@ def run_epochs(args: argparse.Namespace, setup: Setup, split: Split, wrappers: W
                 **training_state(optimisation.optimizer, optimisation.scheduler,
                                  optimisation.settings.scaler))
             outputs.epoch_done(epoch, metrics, val_stats.confusion, checkpoint, is_best)
+        if outputs is not None:
+            outputs.finish()
     except KeyboardInterrupt:
         if outputs is not None:
             path = outputs.save_interrupted(make_checkpoint(
                 model, args.model_name, split.class_names, dict(vars(args)), epoch - 1, {},
                 interrupted_in_epoch=epoch))
+            outputs.finish()
             print(f"\nInterrupted in epoch {epoch}. The weights at that moment are in {path}; "
                   f"continue the run with the same command and --resume auto (from the last "
                   f"complete epoch).", file=sys.stderr)

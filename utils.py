@@ -59,11 +59,21 @@ def find_classes(root: str | Path) -> list[str]:
     if not root.is_dir():
         raise UserError(f"Data path {root} does not exist or is not a folder; pass --data-path "
                         f"(python download.py flowers fetches flower_photos).")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = sorted(p.name for p in list_folder(root)
+                     if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise UserError(f"{root} has no class folders; it must hold one sub-folder of images "
                         f"per class (flower_photos/daisy/*.jpg, ...).")
     return classes
+
+
+def list_folder(folder: Path) -> list[Path]:
+    """What folder holds; a folder that cannot be listed (permissions) is a UserError."""
+    try:
+        return list(folder.iterdir())
+    except OSError as err:
+        raise UserError(f"Cannot read the folder {folder} ({err.strerror or err}); check its "
+                        f"permissions.") from None
 
 
 def read_split_data(root: str | Path, val_rate: float = 0.2, seed: int = 0,
@@ -78,7 +88,7 @@ def read_split_data(root: str | Path, val_rate: float = 0.2, seed: int = 0,
         raise UserError(f"--val-rate must be in [0, 1), got {val_rate}.")
     root = Path(root)
     class_names = find_classes(root)
-    per_class = {name: sorted(p for p in (root / name).iterdir()
+    per_class = {name: sorted(p for p in list_folder(root / name)
                               if p.is_file() and is_image_file(p))
                  for name in class_names}
     skipped: list[tuple[Path, str]] = []
@@ -95,6 +105,10 @@ def read_split_data(root: str | Path, val_rate: float = 0.2, seed: int = 0,
     if not any(per_class.values()):
         raise UserError(f"No readable images under {root}; expected files such as "
                         f"{root}/{class_names[0]}/image.jpg ({IMG_EXTENSIONS_HINT}).")
+    for label, name in enumerate(class_names):
+        if not per_class[name]:  # still a class, numbered as the reproduced code numbers it
+            warn(f"warning: {root / name} has no readable images; class {label} ({name}) "
+                 f"gets none to train or validate on.")
 
     rng = random.Random(seed)  # a generator of our own: the global RNG is left alone
     split = Split(class_names, [], [], [], [], skipped)

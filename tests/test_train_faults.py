@@ -1,0 +1,345 @@
+"""Hostile inputs and faults in train.py: bad flags, killed and failed writes, two runs into
+one folder, changed flags on resume, Ctrl-C while importing (issue 12's train-side cases)."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from checkpoints import BEST_FILE, LOCK_FILE
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """5 classes x 5 images: 4 to train and 1 to validate on per class."""
+    from demo_data import make_demo_flowers
+
+    return make_demo_flowers(tmp_path_factory.mktemp("faults") / "flowers", per_class=5,
+                             size=32)
+
+
+def args_for(data: Path, root: Path, *extra: str) -> list[str]:
+    return ["--data-path", str(data), "--model-name", "vit_demo_patch8_64", "--weights", "",
+            "--epochs", "1", "--batch-size", "4", "--device", "cpu", "--workers", "0",
+            "--output-dir", str(root / "out"), "--log-dir", str(root / "logs"), *extra]
+
+
+def run_train(capsys, argv: list[str]) -> tuple[int, str, str]:
+    code = train.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def error_lines(err: str) -> list[str]:
+    """The error: lines; tqdm's progress bars share stderr."""
+    assert "Traceback" not in err, err
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# --------------------------------------------------------------------------- bad flags
+
+BAD_FLAGS = [
+    ["--clip-grad", "0"], ["--clip-grad", "-1"], ["--clip-grad", "nan"],
+    ["--lrf", "-5"], ["--lrf", "nan"], ["--lrf", "inf"],
+    ["--img-size", "0"], ["--img-size", "-16"], ["--img-size", "60"], ["--img-size", "800000"],
+    ["--warmup-epochs", "-3"], ["--warmup-epochs", "1"],
+    ["--lr", "nan"], ["--lr", "inf"], ["--lr", "0"], ["--lr", "-0.1"],
+    ["--workers", "-1"], ["--val-batch-size", "0"], ["--val-batch-size", "-1"],
+    ["--momentum", "-1"], ["--momentum", "1"], ["--momentum", "nan"],
+    ["--wd", "-1"], ["--wd", "nan"],
+    ["--label-smoothing", "2"], ["--label-smoothing", "1"], ["--label-smoothing", "-0.1"],
+    ["--drop-path", "1.5"], ["--drop-path", "1"], ["--drop-path", "-0.1"],
+    ["--epochs", "0"], ["--batch-size", "0"], ["--accum-steps", "0"],
+    ["--val-rate", "0"], ["--val-rate", "1"], ["--val-rate", "nan"],
+    ["--keep", "0"], ["--keep", "-1"], ["--num-classes", "0"],
+]
+
+
+@pytest.mark.parametrize("bad", BAD_FLAGS, ids=" ".join)
+def test_a_flag_out_of_range_stops_before_anything_is_written(data, tmp_path, capsys, bad):
+    code, _, err = run_train(capsys, args_for(data, tmp_path, *bad))
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and bad[0] in lines[0], err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize("flag", ["--output-dir", "--log-dir"])
+@pytest.mark.parametrize("below", [False, True])
+def test_an_output_folder_that_is_a_file_is_bad_input(data, tmp_path, capsys, flag, below):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    folder = a_file / "sub" if below else a_file
+    code, _, err = run_train(capsys, [*args_for(data, tmp_path), flag, str(folder)])
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and flag in lines[0] and str(a_file) in lines[0], err
+    assert a_file.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("flag", ["--output-dir", "--log-dir"])
+@pytest.mark.parametrize("where", ["inside", "empty"])
+def test_an_output_folder_inside_the_data_or_empty_is_bad_input(data, tmp_path, capsys, flag,
+                                                                 where):
+    # Inside the data folder it would become a class of the next run.
+    folder = str(data / "weights") if where == "inside" else ""
+    code, _, err = run_train(capsys, [*args_for(data, tmp_path), flag, folder])
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and flag in lines[0], err
+    assert not (data / "weights").exists() and not (tmp_path / "out").exists()
+
+
+def test_an_unreadable_weights_file_is_one_line(data, tmp_path, capsys, monkeypatch):
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"\0" * 64)
+    real_open = Path.open
+
+    def no_permission(path, *args, **kwargs):  # root reads anything: inject the refusal
+        if path == weights:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", no_permission)
+    code, _, err = run_train(capsys, [*args_for(data, tmp_path), "--weights", str(weights)])
+    assert code == 2
+    assert len(error_lines(err)) == 1 and "Permission denied" in error_lines(err)[0], err
+
+
+def test_a_weights_folder_that_is_not_hugging_face_is_one_line(data, tmp_path, capsys):
+    folder = tmp_path / "not_hf"
+    folder.mkdir()
+    code, _, err = run_train(capsys, [*args_for(data, tmp_path), "--weights", str(folder)])
+    assert code == 2
+    assert len(error_lines(err)) == 1 and str(folder) in error_lines(err)[0], err
+
+
+# --------------------------------------------------------------------------- data
+
+def test_an_empty_class_folder_is_named_once(data, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "flowers"
+    shutil.copytree(data, copy)
+    (copy / "aaa_empty").mkdir()  # sorts first: class 0, as the reproduced code numbers it
+    code, out, err = run_train(capsys, args_for(copy, tmp_path))
+    assert code == 0, err
+    warnings = [line for line in out.splitlines() if "aaa_empty" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning:"), out
+    assert "class 0" in warnings[0]
+    assert load(tmp_path / "out" / "model-0.pth")["class_names"][0] == "aaa_empty"
+
+
+def test_an_unreadable_class_folder_is_one_line(data, tmp_path, capsys, monkeypatch):
+    real_iterdir = Path.iterdir
+
+    def no_permission(path):  # root lists anything: inject the refusal
+        if path == data / "roses":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_iterdir(path)
+
+    monkeypatch.setattr(Path, "iterdir", no_permission)
+    code, _, err = run_train(capsys, args_for(data, tmp_path))
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and str(data / "roses") in lines[0], err
+
+
+# --------------------------------------------------------------------------- best.pth
+
+def best_epoch_by_val_acc(out: Path) -> int:
+    scored = [(load(p)["metrics"]["val_acc"], -load(p)["epoch"]) for p in out.glob("model-*.pth")]
+    return -max(scored)[1]
+
+
+@pytest.mark.parametrize("damage", ["missing", "empty", "garbage"])
+def test_resume_rebuilds_a_lost_best_and_removes_stale_temporaries(data, tmp_path, capsys,
+                                                                   damage):
+    argv = args_for(data, tmp_path, "--epochs", "2")
+    assert run_train(capsys, argv)[0] == 0
+    out = tmp_path / "out"
+    # What kill -9 during best.pth's write leaves: no best.pth (or a bad one) and a .tmp.
+    {"missing": lambda p: p.unlink(), "empty": lambda p: p.write_bytes(b""),
+     "garbage": lambda p: p.write_bytes(b"PK\3\4 not a checkpoint")}[damage](out / BEST_FILE)
+    (out / f".{BEST_FILE}.tmp").write_bytes(b"")
+
+    code, out_text, err = run_train(capsys, [*argv, "--resume", "auto"])  # finished: no epochs
+    assert code == 0, err
+    assert load(out / BEST_FILE)["epoch"] == best_epoch_by_val_acc(out)
+    assert not list(out.glob(".*.tmp"))
+    assert "best.pth" in out_text and "removed" in out_text
+
+
+def test_a_good_best_is_left_alone(data, tmp_path, capsys):
+    argv = args_for(data, tmp_path, "--epochs", "2")
+    assert run_train(capsys, argv)[0] == 0
+    best = (tmp_path / "out" / BEST_FILE).read_bytes()
+    code, out, _ = run_train(capsys, [*argv, "--resume", "auto"])
+    assert code == 0 and "nothing more to train" in out
+    assert (tmp_path / "out" / BEST_FILE).read_bytes() == best
+
+
+# --------------------------------------------------------------------------- failed writes
+
+def fail_save_from(monkeypatch, call: int) -> None:
+    """torch.save raises a full disk's OSError from its `call`-th call on."""
+    real_save, calls = torch.save, []
+
+    def save(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) >= call:
+            Path(path).write_bytes(b"\0" * 100)  # a partial file, as a full disk leaves
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+@pytest.mark.parametrize("epochs", [2, 4])  # the failure in the last epoch, or mid-run
+def test_a_failed_checkpoint_write_stops_the_run(data, tmp_path, capsys, monkeypatch, epochs):
+    # Calls 1 and 2 write epoch 0's model-0.pth and best.pth; call 3 is model-1.pth.
+    fail_save_from(monkeypatch, 3)
+    code, _, err = run_train(capsys, args_for(data, tmp_path, "--epochs", str(epochs),
+                                              "--no-freeze-layers"))
+    out = tmp_path / "out"
+    assert code == 1
+    [line] = error_lines(err)
+    assert str(out / "model-1.pth") in line and "No space left on device" in line, line
+    assert f"last good checkpoint is {out / 'model-0.pth'}" in line, line
+    assert sorted(p.name for p in out.glob("*.pth")) == ["best.pth", "model-0.pth"]
+    assert not list(out.glob(".*.tmp"))
+    assert load(out / "model-0.pth")["epoch"] == load(out / BEST_FILE)["epoch"] == 0
+
+
+def test_disk_full_on_a_real_tmpfs_stops_the_run(data, tmp_path, capsys):
+    # Measure one checkpoint, then mount a tmpfs with room for model-0.pth and best.pth only.
+    assert run_train(capsys, args_for(data, tmp_path / "measure", "--no-freeze-layers"))[0] == 0
+    size = (tmp_path / "measure" / "out" / "model-0.pth").stat().st_size
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size * 5 // 2}", "tmpfs",
+                            str(disk)], capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"mounting a small tmpfs is not permitted here: {mount.stderr.strip()}")
+    try:
+        code, _, err = run_train(capsys, [
+            *args_for(data, tmp_path, "--epochs", "4", "--no-freeze-layers"),
+            "--output-dir", str(disk)])
+        assert code == 1
+        [line] = error_lines(err)
+        assert "model-1.pth" in line and f"{disk / 'model-0.pth'}" in line, line
+        assert load(disk / "model-0.pth")["epoch"] == 0
+        assert not (disk / "model-2.pth").exists() and not list(disk.glob(".*.tmp"))
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)  # -l: even if a file is open
+
+
+# --------------------------------------------------------------------------- two runs
+
+def test_a_second_run_into_a_folder_in_use_is_refused(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / LOCK_FILE, "a+") as held:  # what a running train.py holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242\n")
+        held.flush()
+        code, _, err = run_train(capsys, args_for(data, tmp_path))
+    assert code == 2
+    [line] = error_lines(err)
+    assert str(out) in line and "in use" in line and "4242" in line, line
+    assert not list(out.glob("*.pth"))
+
+
+def test_a_lock_file_left_by_a_dead_run_does_not_block(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LOCK_FILE).write_text("999999\n")  # a killed run's file; the kernel dropped its lock
+    code, _, err = run_train(capsys, args_for(data, tmp_path))
+    assert code == 0, err
+    assert (out / "model-0.pth").is_file()
+
+
+# --------------------------------------------------------------------------- resume
+
+@pytest.mark.parametrize(("first", "second", "named"), [
+    (["--no-freeze-layers"], [], "--no-freeze-layers"),
+    ([], ["--no-freeze-layers"], "--freeze-layers"),
+    ([], ["--opt", "adamw"], "--opt sgd"),
+])
+def test_resume_with_a_flag_that_changes_the_optimizer_names_it(data, tmp_path, capsys,
+                                                                first, second, named):
+    argv = args_for(data, tmp_path, "--epochs", "2", *first)
+    assert run_train(capsys, argv)[0] == 0
+    (tmp_path / "out" / "model-1.pth").unlink()
+    resumed = [arg for arg in argv if arg != "--no-freeze-layers"] + second
+    code, _, err = run_train(capsys, [*resumed, "--resume", "auto"])
+    assert code == 2
+    [line] = error_lines(err)
+    assert f"with {named}," in line, line
+    assert not (tmp_path / "out" / "model-1.pth").exists()
+
+
+def test_resume_auto_passes_over_a_damaged_newest_checkpoint(data, tmp_path, capsys):
+    argv = args_for(data, tmp_path, "--epochs", "2")
+    assert run_train(capsys, argv)[0] == 0
+    newest = tmp_path / "out" / "model-1.pth"
+    newest.write_bytes(newest.read_bytes()[:1000])  # a disk error, not a kill: writes are atomic
+    code, out, err = run_train(capsys, [*argv, "--resume", "auto"])
+    assert code == 0, err
+    assert f"passing over {newest}" in out and "model-0.pth (epoch 0 done)" in out
+    assert load(newest)["epoch"] == 1  # trained again and written whole
+
+
+def test_resume_notes_the_settings_it_takes_from_the_checkpoint(data, tmp_path, capsys):
+    argv = args_for(data, tmp_path, "--epochs", "2")
+    assert run_train(capsys, argv)[0] == 0
+    (tmp_path / "out" / "model-1.pth").unlink()
+    code, out, err = run_train(capsys, [*argv, "--lr", "0.5", "--resume", "auto"])
+    assert code == 0, err
+    assert "keeps its --lr 0.001" in out
+    assert load(tmp_path / "out" / "model-1.pth")["optimizer"]["param_groups"][0][
+        "initial_lr"] == pytest.approx(0.001)
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+# Runs train.py as `python train.py` does, and presses Ctrl-C at a fixed moment: when the
+# import of torch begins, seconds before main() can catch anything.
+CTRL_C_WHILE_IMPORTING = """
+import os, runpy, signal, sys
+
+class CtrlCOnTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, CtrlCOnTorch())
+sys.argv = ["train.py", "--help"]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def test_ctrl_c_while_modules_import_exits_130_in_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", CTRL_C_WHILE_IMPORTING], cwd=ROOT, capture_output=True,
+        text=True, timeout=120,
+        # Python's own handler, however pytest was started (a background job ignores SIGINT)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip() == "Interrupted.", result.stderr
