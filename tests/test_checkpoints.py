@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,6 +12,7 @@ from checkpoints import (
     BEST_FILE,
     FORMAT_VERSION,
     Checkpoint,
+    atomic_write_bytes,
     epoch_checkpoints,
     epoch_file,
     find_checkpoint,
@@ -143,3 +147,63 @@ def test_a_runs_folder_newest_best_and_pruning(tmp_path):
     prune_checkpoints(tmp_path, 1)
     assert [epoch for epoch, _ in epoch_checkpoints(tmp_path)] == [10]
     assert (tmp_path / BEST_FILE).is_file()
+
+
+# --------------------------------------------------------------------------- atomic writes,
+# tested deterministically: a writer that dies halfway, and the target watched while written
+
+def test_a_checkpoint_write_that_dies_halfway_leaves_the_old_file_byte_identical(
+        tmp_path, monkeypatch):
+    target = tmp_path / "best.pth"
+    save_checkpoint({"w": torch.zeros(3)}, target)
+    old = target.read_bytes()
+    real_save = torch.save
+    watched = []
+
+    def dies_halfway(obj, f, *args, **kwargs):
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        Path(f).write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        watched.append(target.read_bytes() == old)  # mid-write, the target is untouched
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(WriteError, match="No space left on device"):
+        save_checkpoint({"w": torch.ones(1000)}, target)
+    assert watched == [True]
+    assert target.read_bytes() == old
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pth"]  # no partial file left
+
+
+def test_a_checkpoint_appears_at_its_path_only_when_complete(tmp_path, monkeypatch):
+    target = tmp_path / "model-0.pth"
+    save_checkpoint({"w": torch.zeros(3)}, target)
+    old = target.read_bytes()
+    real_save = torch.save
+    during = []
+
+    def watching_save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        during.append(target.read_bytes() == old)
+
+    monkeypatch.setattr(torch, "save", watching_save)
+    save_checkpoint({"w": torch.ones(1000)}, target)
+    assert during == [True]
+    assert torch.equal(torch.load(target, weights_only=True)["w"], torch.ones(1000))
+
+
+def test_a_small_file_write_that_dies_halfway_leaves_the_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "class_indices.json"
+    atomic_write_bytes(target, b'{"0": "daisy"}')
+    real_write_bytes = Path.write_bytes
+
+    def dies_halfway(self, data):
+        real_write_bytes(self, data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", dies_halfway)
+    with pytest.raises(WriteError):
+        atomic_write_bytes(target, b'{"0": "roses", "1": "tulips"}')
+    monkeypatch.undo()
+    assert target.read_bytes() == b'{"0": "daisy"}'
+    assert [p.name for p in tmp_path.iterdir()] == ["class_indices.json"]

@@ -15,6 +15,7 @@ import copy
 
 import pytest
 import torch
+from conftest import train_argv
 from torch.utils.data import DataLoader, TensorDataset
 
 import train
@@ -112,11 +113,7 @@ def test_a_failed_capture_is_noted_once_and_training_goes_on_eagerly():
 
 
 def test_train_py_says_why_cuda_graphs_are_off_on_the_cpu(demo_flowers, tmp_path, capsys):
-    assert train.main([
-        "--cuda-graphs", "--data-path", str(demo_flowers), "--model-name", "vit_demo_patch8_64",
-        "--weights", "", "--no-freeze-layers", "--epochs", "1", "--device", "cpu",
-        "--workers", "0", "--output-dir", str(tmp_path / "weights"),
-        "--log-dir", str(tmp_path / "runs")]) == 0
+    assert train.main(train_argv(demo_flowers, tmp_path, cuda_graphs=True, lr=None)) == 0
     assert "note: --cuda-graphs is off: they need a CUDA device" in capsys.readouterr().out
     assert (tmp_path / "weights" / "model-0.pth").is_file()
 
@@ -165,10 +162,8 @@ def test_cuda_graphs_train_like_eager_steps(amp_dtype, accum_steps):
 
 @cuda
 def test_train_py_captures_on_cuda(demo_flowers, tmp_path, capsys):
-    assert train.main([
-        "--cuda-graphs", "--data-path", str(demo_flowers), "--model-name", "vit_demo_patch8_64",
-        "--weights", "", "--no-freeze-layers", "--epochs", "2", "--device", "cuda",
-        "--output-dir", str(tmp_path / "weights"), "--log-dir", str(tmp_path / "runs")]) == 0
+    assert train.main(train_argv(demo_flowers, tmp_path, cuda_graphs=True, epochs=2,
+                                 device="cuda", workers=None, lr=None)) == 0
     out = capsys.readouterr().out
     assert "CUDA graphs: training steps replay" in out
     assert "could not be captured" not in out

@@ -436,3 +436,57 @@ def test_demo_flowers_split_like_a_real_tree(demo_flowers):
     assert split.class_names == list(CLASSES)
     assert split.num_images == 60 and len(split.val_images) == 10
     assert split.skipped == []
+
+
+# --------------------------------------------------------------------------- augmentation seen
+# on images where a crop or a flip shows, and every image format in the split
+
+def gradient_image(width: int = 120, height: int = 90) -> Image.Image:
+    """Red rises left to right, green top to bottom: any crop or flip changes the pixels."""
+    x = torch.linspace(0, 255, width).round().to(torch.uint8)
+    y = torch.linspace(0, 255, height).round().to(torch.uint8)
+    pixels = torch.stack([x.expand(height, width), y[:, None].expand(height, width),
+                          torch.full((height, width), 128, dtype=torch.uint8)], dim=-1)
+    return Image.fromarray(pixels.numpy())
+
+
+def test_training_transform_is_the_reproduced_random_resized_crop_then_flip():
+    image = gradient_image()
+    reference = transforms.Compose([  # the reproduced repository's data_transform["train"]
+        transforms.RandomResizedCrop(64), transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(), transforms.Normalize([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])])
+    ours = build_transforms(64, train=True)
+    outputs = []
+    for seed in range(12):
+        torch.manual_seed(seed)
+        out = ours(image)
+        torch.manual_seed(seed)
+        assert torch.equal(out, reference(image)), seed
+        outputs.append(out)
+    assert len({tuple(o[:, 0, 0].tolist()) for o in outputs}) > 6  # crops differ per draw
+
+
+def test_training_transform_flips_about_half_the_images_and_evaluation_never():
+    image = gradient_image()
+    train_transform, eval_transform = build_transforms(64, True), build_transforms(64, False)
+    torch.manual_seed(0)
+    rising = []
+    for _ in range(40):
+        red = train_transform(image)[0].mean(dim=0)  # red along x
+        rising.append(bool(red[-1] > red[0]))
+    assert 8 <= sum(rising) <= 32  # flipped (red falling) and not flipped both occur
+    red = eval_transform(image)[0].mean(dim=0)
+    assert red[-1] > red[0] and torch.equal(eval_transform(image), eval_transform(image))
+
+
+def test_bmp_webp_gif_and_tif_images_are_found_by_the_split(tmp_path):
+    root = tmp_path / "data"
+    suffixes = (".bmp", ".webp", ".gif", ".tif", ".tiff", ".jpg")
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i, suffix in enumerate(suffixes):
+            gradient_image(20, 20).save(root / name / f"{i}{suffix}")
+    split = read_split_data(root, val_rate=0.5, warn=pytest.fail)
+    found = sorted(p.name for p in split.train_images + split.val_images)
+    assert found == sorted([f"{i}{s}" for i, s in enumerate(suffixes)] * 2)
+    assert split.skipped == []

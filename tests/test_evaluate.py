@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 
 import evaluate
-import train
 from demo_data import make_demo_flowers
 from visualize import confusion_matrix, per_class_metrics, plot_confusion_matrix
 
@@ -20,18 +19,11 @@ OUTPUTS = ("metrics.json", "metrics.csv", "misclassified.csv", "confusion_matrix
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(data folder, checkpoint) trained with a non-default seed and validation rate, so
-    evaluate.py must read them from the checkpoint to rebuild the same split."""
-    root = tmp_path_factory.mktemp("evaluate")
-    data = make_demo_flowers(root / "flower_photos", per_class=8)
-    rc = train.main(["--data-path", str(data), "--model-name", "vit_demo_patch8_64",
-                     "--weights", "", "--no-freeze-layers", "--epochs", "1", "--batch-size", "8",
-                     "--lr", "0.05", "--device", "cpu", "--workers", "0", "--seed", "3",
-                     "--val-rate", "0.25", "--output-dir", str(root / "weights"),
-                     "--log-dir", str(root / "runs")])
-    assert rc == 0
-    return data, root / "weights" / "best.pth"
+def trained(trained_demo) -> tuple[Path, Path]:
+    """(data folder, checkpoint): the session's demo run (conftest), trained with a
+    non-default seed and validation rate, so evaluate.py must read them from the checkpoint
+    to rebuild the same split."""
+    return trained_demo.data, trained_demo.best
 
 
 def run_evaluate(args: list, capsys) -> tuple[int, str, str]:
@@ -56,7 +48,7 @@ def test_outputs_exist_and_agree(trained, tmp_path, capsys):
     metrics = json.loads((out_dir / "metrics.json").read_text())
     cm = torch.tensor(metrics["confusion_matrix"])
     total, correct = int(cm.sum()), int(cm.diag().sum())
-    assert total == metrics["num_images"] == 10  # int(8 * 0.25) = 2 per class for validation
+    assert total == metrics["num_images"] == 15  # int(12 * 0.25) = 3 per class for validation
     assert metrics["subset"] == "validation" and metrics["seed"] == 3
     assert metrics["accuracy"] == pytest.approx(correct / total)
     printed = [line for line in out.splitlines() if line.startswith("accuracy: ")]
@@ -92,8 +84,8 @@ def test_all_evaluates_every_image(trained, tmp_path, capsys):
                              "--device", "cpu", "--workers", "0", "--all"], capsys)
     assert rc == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["subset"] == "all" and metrics["num_images"] == 40
-    assert [c["support"] for c in metrics["classes"].values()] == [8] * 5
+    assert metrics["subset"] == "all" and metrics["num_images"] == 60
+    assert [c["support"] for c in metrics["classes"].values()] == [12] * 5
 
 
 def test_data_folder_with_other_classes_exits_2(trained, tmp_path, capsys):
@@ -151,3 +143,71 @@ def test_bad_weights_are_blamed_before_the_missing_data_folder(kind, tmp_path, m
     assert rc == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     assert str(weights) in err and "Data folder" not in err
     assert not marker.exists()
+
+
+# --------------------------------------------------------------------------- the numbers written,
+# checked against values computed by hand on a known confusion matrix
+
+HAND_CM = [[2, 1, 0], [0, 1, 1], [0, 0, 1]]  # rows: true class; 4 of 6 right
+HAND = {  # precision = diagonal / column sums, recall = diagonal / row sums
+    "a": {"precision": 1.0, "recall": 2 / 3, "f1": 0.8, "support": 3},
+    "b": {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2},
+    "c": {"precision": 0.5, "recall": 1.0, "f1": 2 / 3, "support": 1},
+    "macro avg": {"precision": 2 / 3, "recall": 13 / 18, "f1": 59 / 90, "support": 6},
+    # weighted by support 3, 2, 1: (3 * 1 + 2 * .5 + .5) / 6 ...
+    "weighted avg": {"precision": 0.75, "recall": 4 / 6, "f1": 61 / 90, "support": 6},
+}
+
+
+def test_metrics_json_and_every_csv_column_equal_hand_computed_values(tmp_path):
+    metrics = evaluate.metrics_dict(torch.tensor(HAND_CM), ["a", "b", "c"])
+    assert metrics["num_images"] == 6 and metrics["correct"] == 4
+    assert metrics["accuracy"] == pytest.approx(4 / 6)
+    for name in "abc":
+        assert metrics["classes"][name] == pytest.approx(HAND[name])
+    for label, key in (("macro avg", "macro_avg"), ("weighted avg", "weighted_avg")):
+        expected = {k: v for k, v in HAND[label].items() if k != "support"}
+        assert metrics[key] == pytest.approx(expected)
+    evaluate.write_metrics_csv(metrics, tmp_path / "metrics.csv")
+    with (tmp_path / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [row["class"] for row in rows] == [*"abc", "macro avg", "weighted avg"]
+    for row in rows:
+        expected = HAND[row["class"]]
+        assert set(row) == {"class", "precision", "recall", "f1", "support"}
+        for column in ("precision", "recall", "f1"):
+            assert float(row[column]) == pytest.approx(expected[column], abs=1e-6), row
+        assert int(row["support"]) == expected["support"]
+
+
+def test_misclassified_csv_lists_the_most_confident_mistakes_first(tmp_path):
+    probs = torch.tensor([[0.9, 0.1], [0.3, 0.7], [0.4, 0.6], [0.05, 0.95], [0.2, 0.8]])
+    labels = torch.tensor([0, 0, 0, 0, 1])  # images 1, 2 and 3 are wrong: 0.7, 0.6, 0.95
+    result = evaluate.Evaluation(["a", "b"], [Path(f"img{i}.jpg") for i in range(5)],
+                                 labels, probs)
+    assert evaluate.write_misclassified(result, tmp_path / "wrong.csv") == 3
+    with (tmp_path / "wrong.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["path"], r["true"], r["predicted"], r["prob"]) for r in rows] == [
+        ("img3.jpg", "a", "b", "0.9500"), ("img1.jpg", "a", "b", "0.7000"),
+        ("img2.jpg", "a", "b", "0.6000")]
+
+
+def test_seed_and_val_rate_flags_choose_the_split_evaluated(trained, tmp_path, capsys):
+    from predict import load_classifier, predict_probs
+    from utils import read_split_data
+
+    data, ckpt = trained
+    rc, _, _ = run_evaluate(["--weights", ckpt, "--data-path", data, "--output-dir", tmp_path,
+                             "--device", "cpu", "--workers", "0", "--seed", "7",
+                             "--val-rate", "0.5"], capsys)
+    assert rc == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["num_images"] == 30 and metrics["seed"] == 7  # 6 of 12 per class
+    assert [c["support"] for c in metrics["classes"].values()] == [6] * 5
+    # The confusion matrix of exactly that split's validation images.
+    split = read_split_data(data, 0.5, 7)
+    model, _ = load_classifier(ckpt)
+    probs = predict_probs(model, split.val_images, torch.device("cpu"), workers=0)
+    expected = confusion_matrix(probs.argmax(1), torch.tensor(split.val_labels), 5)
+    assert metrics["confusion_matrix"] == expected.tolist()

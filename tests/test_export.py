@@ -11,21 +11,13 @@ import pytest
 import torch
 
 import export
-import train
-from demo_data import make_demo_flowers
 from predict import load_classifier
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("export")
-    data = make_demo_flowers(root / "flower_photos", per_class=5)
-    rc = train.main(["--data-path", str(data), "--model-name", "vit_demo_patch8_64",
-                     "--weights", "", "--no-freeze-layers", "--epochs", "1", "--batch-size", "8",
-                     "--lr", "0.05", "--device", "cpu", "--workers", "0",
-                     "--output-dir", str(root / "weights"), "--log-dir", str(root / "runs")])
-    assert rc == 0
-    return root / "weights" / "best.pth"
+def checkpoint(trained_demo) -> Path:
+    """The session's demo run's best.pth (conftest)."""
+    return trained_demo.best
 
 
 def test_torchscript_export_matches_pytorch(checkpoint, tmp_path, capsys):

@@ -3,33 +3,28 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 
 import predict
-import train
-from demo_data import make_demo_flowers
-from visualize import attention_rollout, last_layer_attention, rollout_matrix
-from vit_model import create_model
+from my_dataset import MEAN, STD, build_transforms, open_rgb
+from visualize import attention_rollout, last_layer_attention, plot_attention, rollout_matrix
+from vit_model import VisionTransformer, create_model
 
 CLASSES = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(data folder, checkpoint): the demo ViT trained for one epoch on 6 images a class."""
-    root = tmp_path_factory.mktemp("predict")
-    data = make_demo_flowers(root / "flower_photos", per_class=6)
-    rc = train.main(["--data-path", str(data), "--model-name", "vit_demo_patch8_64",
-                     "--weights", "", "--no-freeze-layers", "--epochs", "1", "--batch-size", "8",
-                     "--lr", "0.05", "--device", "cpu", "--workers", "0",
-                     "--output-dir", str(root / "weights"), "--log-dir", str(root / "runs")])
-    assert rc == 0
-    return data, root / "weights" / "best.pth"
+def trained(trained_demo) -> tuple[Path, Path]:
+    """(data folder, checkpoint): the session's demo run (conftest), 12 images a class."""
+    return trained_demo.data, trained_demo.best
 
 
 def run_predict(args: list, capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
@@ -76,7 +71,7 @@ def mixed_folder(trained, tmp_path: Path) -> tuple[Path, Path, int]:
     (folder / "broken.jpg").write_bytes(b"this is not a JPEG")
     (folder / "daisy" / "empty.png").write_bytes(b"")
     (folder / "LICENSE.txt").write_text("not an image, and not named like one")
-    return folder, data / "sunflowers" / "sunflowers_0002.jpg", 6
+    return folder, data / "sunflowers" / "sunflowers_0002.jpg", 12
 
 
 def test_folder_and_files_skip_unreadable_and_predict_the_rest(trained, mixed_folder, capsys):
@@ -269,7 +264,7 @@ def test_attention_figures_are_saved(trained, tmp_path, capsys):
                             "--device", "cpu", "--attention", folder], capsys)
     assert rc == 0
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        [f"roses_{i:04d}.attention.png" for i in range(6)] + ["daisy_0000.attention.png"])
+        [f"roses_{i:04d}.attention.png" for i in range(12)] + ["daisy_0000.attention.png"])
     rc, _, err = run_predict([data / "roses", "--weights", ckpt, "--device", "cpu",
                               "--attention", tmp_path / "one.png"], capsys)
     assert rc == 2 and "pass a folder" in err
@@ -289,3 +284,238 @@ def test_a_checkpoint_with_tampered_model_args_is_one_error_line(trained, tmp_pa
                                 "--device", "cpu"], capsys)
     assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1, err
     assert err.startswith(f"error: {tampered} is a checkpoint whose model_args")
+
+
+# --------------------------------------------------------------------------- predict.py on the
+# session's two-epoch run
+
+CLASS_LINE = re.compile(r"^class: (\S+)\s+prob: (\d\.\d{4})$", re.M)
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_user_error(code: int, err: str) -> str:
+    """Exit status 2 and exactly one line on stderr, 'error: ...', with no traceback."""
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def parse_classes(out: str) -> list[tuple[str, float]]:
+    return [(name, float(prob)) for name, prob in CLASS_LINE.findall(out)]
+
+
+def test_predict_prints_every_class_and_the_prediction(trained_demo):
+    image = trained_demo.data / "tulips" / "tulips_0000.jpg"
+    code, out, err = run_cli(predict.main, [image, "--weights", trained_demo.best,
+                                            "--device", "cpu"])
+    assert code == 0, err
+    rows = parse_classes(out)
+    assert [name for name, _ in rows] == list(CLASSES)
+    assert sum(prob for _, prob in rows) == pytest.approx(1.0, abs=1e-3)
+    predicted = re.search(r"^predicted: (\S+)", out, re.M)
+    assert predicted and predicted.group(1) == max(rows, key=lambda r: r[1])[0]
+
+    # The same numbers as the checkpoint's model applied by hand.
+    checkpoint = load(trained_demo.output_dir / "best.pth")
+    model = VisionTransformer(**checkpoint["model_args"]).eval()
+    model.load_state_dict(checkpoint["model"])
+    with torch.no_grad():
+        x = build_transforms(64, train=False)(open_rgb(image)).unsqueeze(0)
+        expected = model(x).softmax(-1)[0].tolist()
+    assert [p for _, p in rows] == pytest.approx(expected, abs=1e-4)
+
+
+def test_predict_saves_a_figure(trained_demo, tmp_path):
+    image = trained_demo.data / "daisy" / "daisy_0001.jpg"
+    figure = tmp_path / "figures" / "prediction.png"
+    weights = trained_demo.output_dir / "model-1.pth"
+    code, _, err = run_cli(predict.main, [image, "--weights", weights,
+                                          "--device", "cpu", "--save-fig", figure])
+    assert code == 0, err
+    with Image.open(figure) as img:
+        assert img.format == "PNG"
+        assert img.width > 50 and img.height > 50
+
+
+def test_predict_finds_best_pth_in_weights_by_default(trained_demo, monkeypatch):
+    image = trained_demo.data / "roses" / "roses_0002.jpg"
+    _, explicit, _ = run_cli(predict.main, [image, "--weights", trained_demo.best,
+                                            "--device", "cpu"])
+    monkeypatch.chdir(trained_demo.root)
+    code, out, err = run_cli(predict.main, [image, "--device", "cpu"])
+    assert code == 0, err
+    assert parse_classes(out) == parse_classes(explicit)
+    assert len(parse_classes(out)) == 5
+
+
+def test_predict_errors(trained_demo, tmp_path, monkeypatch):
+    best = trained_demo.output_dir / "best.pth"
+    code, _, err = run_cli(predict.main, [tmp_path / "missing.jpg", "--weights", best,
+                                          "--device", "cpu"])
+    assert "missing.jpg" in assert_user_error(code, err)
+
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    code, _, err = run_cli(predict.main, [text, "--weights", best, "--device", "cpu"])
+    assert "notes.txt" in assert_user_error(code, err)
+
+    fake = tmp_path / "fake.jpg"
+    fake.write_text("not a JPEG either")
+    code, _, err = run_cli(predict.main, [fake, "--weights", best, "--device", "cpu"])
+    assert "fake.jpg" in assert_user_error(code, err)
+
+    image = trained_demo.data / "daisy" / "daisy_0000.jpg"
+    code, _, err = run_cli(predict.main, [image, "--weights", tmp_path / "nothing.pth",
+                                          "--device", "cpu"])
+    assert "nothing.pth" in assert_user_error(code, err)
+
+    monkeypatch.chdir(tmp_path)  # no ./weights here
+    code, _, err = run_cli(predict.main, [image, "--device", "cpu"])
+    assert "weights" in assert_user_error(code, err)
+
+
+def test_copying_a_checkpoint_elsewhere_keeps_it_usable(trained_demo, tmp_path):
+    # A checkpoint names its classes itself: no class_indices.json needs to travel with it.
+    lone = tmp_path / "lone" / "model.pth"
+    lone.parent.mkdir()
+    shutil.copy(trained_demo.output_dir / "model-0.pth", lone)
+    image = trained_demo.data / "dandelion" / "dandelion_0003.jpg"
+    code, out, err = run_cli(predict.main, [image, "--weights", lone, "--device", "cpu"])
+    assert code == 0, err
+    assert [name for name, _ in parse_classes(out)] == list(CLASSES)
+
+
+# --------------------------------------------------------------------------- the figures' content
+
+def test_prediction_grid_shows_each_image_with_its_predicted_class_coloured_by_its_folder(
+        trained):
+    data, ckpt = trained
+    model, class_names = predict.load_classifier(ckpt)
+    paths = [data / c / f"{c}_0000.jpg" for c in CLASSES[:3]]
+    probs = torch.tensor([[0.7, 0.1, 0.1, 0.05, 0.05],    # daisy, right
+                          [0.1, 0.2, 0.6, 0.05, 0.05],    # dandelion taken for roses
+                          [0.0, 0.0, 0.25, 0.0, 0.75]])  # roses taken for tulips
+    fig = predict.prediction_figure(paths, probs, class_names)
+    axes = fig.axes
+    assert len(axes) == 3
+    assert [ax.get_title() for ax in axes] == [
+        "daisy 0.70\ndaisy_0000.jpg", "roses 0.60\ndandelion_0000.jpg",
+        "tulips 0.75\nroses_0000.jpg"]
+    assert [ax.title.get_color() for ax in axes] == ["green", "red", "red"]
+    for ax, path in zip(axes, paths, strict=True):
+        assert (ax.get_images()[0].get_array() == np.asarray(open_rgb(path))).all()
+    (single,) = predict.prediction_figure(paths[:1], probs[:1], class_names).axes
+    assert single.get_title() == "class: daisy   prob: 0.700"
+
+
+def test_attention_figure_shows_the_input_crop_then_the_two_maps_over_it(trained):
+    data, ckpt = trained
+    model, _ = predict.load_classifier(ckpt)
+    image = data / "roses" / "roses_0001.jpg"
+    ((crop, rollout, last),) = predict.attention_grids(model, [image], torch.device("cpu"))
+    # The crop is the evaluation transform's pixels, un-normalised.
+    expected_crop = build_transforms(64, train=False)(open_rgb(image))
+    expected_crop = expected_crop * torch.tensor(STD).view(3, 1, 1) + torch.tensor(
+        MEAN).view(3, 1, 1)
+    torch.testing.assert_close(crop, expected_crop, rtol=1e-5, atol=1e-6)
+    fig = plot_attention(crop, rollout, last, "roses_0001.jpg: roses (0.50)")
+    assert [ax.get_title() for ax in fig.axes] == [
+        "input", "attention rollout", "last block, class token"]
+    assert fig._suptitle.get_text() == "roses_0001.jpg: roses (0.50)"
+    picture = crop.permute(1, 2, 0).numpy()
+    for ax, overlays in zip(fig.axes, (0, 1, 1), strict=True):
+        layers = ax.get_images()
+        assert len(layers) == 1 + overlays
+        assert np.array_equal(layers[0].get_array(), picture)  # the crop under each map
+    heats = [ax.get_images()[1].get_array() for ax in fig.axes[1:]]
+    assert heats[0].shape == heats[1].shape == (64, 64)
+    assert not np.array_equal(heats[0], heats[1])
+
+
+# --------------------------------------------------------------------------- the reproduced
+# repository's workflow: a plain state dict and class_indices.json
+
+@pytest.fixture(scope="module")
+def plain_state_dict(trained, tmp_path_factory) -> tuple[Path, Path]:
+    """(best.pth's weights as a bare state dict, a class_indices.json kept elsewhere)."""
+    _, ckpt = trained
+    root = tmp_path_factory.mktemp("plain")
+    torch.save(torch.load(ckpt, weights_only=True)["model"], root / "model-9.pth")
+    indices = root / "elsewhere" / "class_indices.json"
+    indices.parent.mkdir()
+    indices.write_text(json.dumps({str(i): name for i, name in enumerate(CLASSES)}))
+    return root / "model-9.pth", indices
+
+
+def test_a_plain_state_dict_with_class_indices_and_model_name_works_in_every_command(
+        trained, plain_state_dict, tmp_path, capsys):
+    import evaluate
+    import export
+
+    data, ckpt = trained
+    weights, indices = plain_state_dict
+    image = data / "tulips" / "tulips_0002.jpg"
+    names = ["--class-indices", indices, "--model-name", "vit_demo_patch8_64"]
+    _, from_checkpoint, _ = run_predict([image, "--weights", ckpt, "--device", "cpu"], capsys)
+    rc, out, err = run_predict([image, "--weights", weights, *names, "--device", "cpu"], capsys)
+    assert rc == 0, err
+    assert out == from_checkpoint and "warning" not in err
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)  # no class_indices.json here nor beside the weights
+        rc, _, err = run_predict([image, "--weights", weights, "--model-name",
+                                  "vit_demo_patch8_64", "--device", "cpu"], capsys)
+    assert rc == 2 and "--class-indices" in err  # nothing names the classes
+
+    assert evaluate.main([str(a) for a in ["--weights", weights, *names, "--data-path", data,
+                                           "--device", "cpu", "--workers", "0", "--seed", "3",
+                                           "--val-rate", "0.25", "--output-dir",
+                                           tmp_path / "eval"]]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    checkpoint = torch.load(ckpt, weights_only=True)
+    assert metrics["class_names"] == CLASSES
+    assert metrics["accuracy"] == pytest.approx(checkpoint["metrics"]["val_acc"])
+
+    assert export.main([str(a) for a in ["--weights", weights, *names, "--output",
+                                         tmp_path / "vit.pt"]]) == 0
+    scripted = torch.jit.load(str(tmp_path / "vit.pt"))
+    model, _ = predict.load_classifier(ckpt)
+    batch = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(scripted(batch), model.eval()(batch), rtol=1e-4, atol=1e-5)
+
+
+def test_a_zero_head_warns_that_every_class_gets_the_same_probability(
+        trained, plain_state_dict, tmp_path, capsys):
+    data, _ = trained
+    weights, indices = plain_state_dict
+    state = torch.load(weights, weights_only=True)
+    state["head.weight"].zero_()
+    state["head.bias"].zero_()
+    zero = tmp_path / "zero_head.pth"
+    torch.save(state, zero)
+    rc, out, err = run_predict([data / "roses" / "roses_0000.jpg", "--weights", zero,
+                                "--class-indices", indices, "--model-name",
+                                "vit_demo_patch8_64", "--device", "cpu"], capsys)
+    assert rc == 0
+    assert "warning: the head in" in err and "all zeros" in err
+    assert [line.split()[-1] for line in out.splitlines() if line.startswith("class: ")] == [
+        "0.2000"] * 5
+
+
+def test_default_weights_fall_back_to_the_newest_epoch_checkpoint_by_number(
+        trained_demo, tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    shutil.copy(trained_demo.output_dir / "model-0.pth", folder / "model-2.pth")
+    shutil.copy(trained_demo.output_dir / "model-1.pth", folder / "model-10.pth")
+    monkeypatch.chdir(tmp_path)  # no best.pth here
+    assert predict.resolve_weights(None) == Path("weights") / "model-10.pth"
+    image = trained_demo.data / "roses" / "roses_0003.jpg"
+    _, newest, _ = run_predict([image, "--weights", folder / "model-10.pth", "--device", "cpu"],
+                               capsys)
+    rc, out, _ = run_predict([image, "--device", "cpu"], capsys)
+    assert rc == 0 and out == newest

@@ -639,3 +639,32 @@ def test_a_checkpoint_with_tampered_model_args_is_refused(tmp_path, tamper):
     torch.save({"model": source.state_dict(), "model_args": change(source.model_args)}, path)
     with pytest.raises(WeightsError, match=message):
         load_model_for(read_weights(path), "vit_tiny_patch16_224")
+
+
+# --------------------------------------------------------------------------- every safetensors
+# dtype torch has, read by our reader and by the library
+
+SAFETENSORS_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64,
+                      torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+                      *(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2")
+                        if hasattr(torch, name))]
+
+
+@pytest.mark.parametrize("dtype", SAFETENSORS_DTYPES, ids=str)
+def test_safetensors_reader_matches_the_library_for_every_dtype(tmp_path, dtype):
+    from safetensors.torch import load_file, save_file
+
+    values = torch.linspace(-3, 3, 24).reshape(4, 6)
+    if dtype == torch.bool:
+        tensor = values > 0
+    elif dtype.is_floating_point:
+        tensor = values.to(dtype)
+    else:
+        tensor = (values * 10).round().clamp(0 if dtype == torch.uint8 else -100, 100).to(dtype)
+    path = tmp_path / "one.safetensors"
+    save_file({"odd": torch.ones(3, dtype=torch.uint8), "t": tensor}, path)  # "t" unaligned
+    mine, library = read_safetensors(path), load_file(path)
+    assert mine["t"].dtype == library["t"].dtype == dtype
+    assert mine["t"].shape == (4, 6)
+    assert torch.equal(mine["t"].view(torch.uint8), library["t"].view(torch.uint8))
+    assert torch.equal(mine["odd"], library["odd"])

@@ -1,0 +1,148 @@
+"""Never lose a run: train.py --resume, kills, Ctrl-C, --keep and a loss that is not finite."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli, train_argv
+
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def epochs_in(folder: Path) -> list[int]:
+    return sorted(int(p.stem.split("-")[1]) for p in folder.glob("model-*.pth"))
+
+
+def test_resume_continues_the_schedule_and_files(demo_flowers, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert train.main(train_argv(demo_flowers, full, epochs=3)) == 0
+    # Stop after epoch 1 by asking for 2 epochs of a 3-epoch schedule is not the same
+    # run; instead run 3 epochs, drop the last checkpoint as if killed, and resume.
+    assert train.main(train_argv(demo_flowers, part, epochs=3)) == 0
+    (part / "weights" / "model-2.pth").unlink()
+    assert train.main(train_argv(demo_flowers, part, epochs=3, resume="auto")) == 0
+
+    assert epochs_in(part / "weights") == epochs_in(full / "weights") == [0, 1, 2]
+    for epoch in range(3):
+        # The report's cosine, written out: lr * ((1 + cos(pi * e / E)) / 2 * (1 - lrf) + lrf).
+        expected = 0.01 * ((1 + math.cos(math.pi * epoch / 3)) / 2 * (1 - 0.01) + 0.01)
+        resumed = load(part / "weights" / f"model-{epoch}.pth")
+        whole = load(full / "weights" / f"model-{epoch}.pth")
+        assert resumed["epoch"] == whole["epoch"] == epoch
+        assert math.isclose(resumed["metrics"]["learning_rate"], expected, rel_tol=1e-9)
+        assert math.isclose(whole["metrics"]["learning_rate"], expected, rel_tol=1e-9)
+    # The resumed epoch 2 starts from the same weights, data order and RNG as the whole run.
+    resumed, whole = load(part / "weights" / "model-2.pth"), load(full / "weights" / "model-2.pth")
+    assert resumed["metrics"]["train_loss"] == pytest.approx(whole["metrics"]["train_loss"],
+                                                            rel=1e-4)
+    assert resumed["log_dir"] == load(part / "weights" / "model-0.pth")["log_dir"]
+
+
+def test_resume_errors_are_one_line(demo_flowers, tmp_path, capsys):
+    bogus = tmp_path / "bogus.pth"
+    bogus.write_bytes(b"not a checkpoint")
+    assert train.main(train_argv(demo_flowers, tmp_path, resume=bogus)) == 2
+    assert "cannot be read" in capsys.readouterr().err
+    assert train.main(train_argv(demo_flowers, tmp_path, resume=tmp_path / "no")) == 2
+    assert "no such checkpoint" in capsys.readouterr().err
+
+
+def test_keep_prunes_old_epoch_checkpoints_but_not_best(demo_flowers, tmp_path):
+    assert train.main(train_argv(demo_flowers, tmp_path, epochs=3, keep=1)) == 0
+    assert epochs_in(tmp_path / "weights") == [2]
+    assert (tmp_path / "weights" / "best.pth").is_file()
+
+
+@pytest.mark.parametrize("when", ["after a good epoch", "in the first epoch"])
+def test_a_non_finite_loss_stops_with_status_1_naming_epoch_and_step_and_keeps_good_files(
+        demo_flowers, tmp_path, when):
+    out = tmp_path / "weights"
+    if when == "after a good epoch":
+        # Epoch 0 trains at lr 0.01; --lrf 1e30 makes epoch 1's lr about 5e27, which blows up.
+        argv, failing_epoch = train_argv(demo_flowers, tmp_path, epochs=2, lrf=1e30), 1
+    else:
+        # An earlier run's files are in the folder; this run's first update blows the
+        # weights up, so the loss of its step 1 is no longer finite.
+        assert train.main(train_argv(demo_flowers, tmp_path)) == 0
+        argv, failing_epoch = train_argv(demo_flowers, tmp_path, epochs=2, lr=1e30), 0
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code, _, err = run_cli(train.main, argv)
+    assert code == 1, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    assert re.search(rf"NaN or infinite at epoch {failing_epoch}, step \d+;", lines[0]), lines[0]
+    assert "Traceback" not in err
+
+    assert not (out / "model-1.pth").exists()
+    if when == "in the first epoch":  # nothing of the failed run was written
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+        assert "step 1;" in lines[0]
+    for name in ("model-0.pth", "best.pth"):
+        checkpoint = load(out / name)
+        assert checkpoint["epoch"] == 0
+        assert math.isfinite(checkpoint["metrics"]["train_loss"])
+        for key, value in checkpoint["model"].items():
+            assert torch.isfinite(value).all(), (name, key)
+
+
+def _start(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # The child gets Python's own Ctrl-C handling even when pytest runs with SIGINT ignored
+    # (started with nohup ... &), which the child would otherwise inherit.
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_sigkill_mid_epoch_then_resume(demo_flowers, tmp_path):
+    # Batch 2 makes an epoch long enough (about 24 steps) to be killed inside.
+    args = train_argv(demo_flowers, tmp_path, epochs=3, batch_size=2)
+    proc = _start(args, tmp_path)
+    _wait_for(tmp_path / "weights" / "model-0.pth", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    survivors = epochs_in(tmp_path / "weights")
+    assert survivors and survivors[-1] < 2
+    for epoch in survivors:  # every checkpoint on disk is complete and loads
+        assert load(tmp_path / "weights" / f"model-{epoch}.pth")["epoch"] == epoch
+
+    assert train.main([*args, "--resume", "auto"]) == 0
+    assert epochs_in(tmp_path / "weights") == [0, 1, 2]
+    assert load(tmp_path / "weights" / "model-2.pth")["epoch"] == 2
+
+
+def test_sigint_saves_and_exits_cleanly(demo_flowers, tmp_path):
+    args = train_argv(demo_flowers, tmp_path, epochs=3, batch_size=2)
+    proc = _start(args, tmp_path)
+    _wait_for(tmp_path / "weights" / "model-0.pth", proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert "--resume auto" in err
+    interrupted = load(tmp_path / "weights" / "interrupted.pth")
+    assert interrupted["class_names"] and "model" in interrupted
+    assert load(tmp_path / "weights" / "model-0.pth")["epoch"] == 0
