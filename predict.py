@@ -32,13 +32,12 @@ from cli import DEFAULT_MODEL, add_device_flag, add_weights_flags, run_main
 from errors import UserError
 from my_dataset import (
     IMG_EXTENSIONS_HINT,
-    MEAN,
-    STD,
     MyDataSet,
     build_transforms,
     check_image,
     is_image_file,
     open_rgb,
+    unnormalize,
 )
 from utils import read_class_indices, select_device
 from vit_model import VisionTransformer
@@ -213,13 +212,6 @@ def attention_grids(model: VisionTransformer, paths: list[Path], device: torch.d
         rollout = attention_rollout(maps).cpu()
         last = last_layer_attention(maps).cpu()
         yield from zip(unnormalize(images), rollout, last, strict=True)
-
-
-def unnormalize(images: torch.Tensor) -> torch.Tensor:
-    """Undo the transform's Normalize: (B, 3, H, W) in [0, 1], the pixels the model saw."""
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
-    return images * std + mean
 
 
 def grad_cam_maps(model: VisionTransformer, paths: list[Path], device: torch.device,

@@ -13,6 +13,7 @@ from PIL import Image
 import predict
 import train
 from demo_data import make_demo_flowers
+from my_dataset import unnormalize
 from visualize import attention_rollout, last_layer_attention, rollout_matrix
 from vit_model import create_model
 
@@ -310,7 +311,7 @@ def test_grad_cam_maps_are_vit_grad_cam_for_the_given_targets(trained):
     assert len(panels) == 3
     for (crop, cam), image, want in zip(panels, images, expected, strict=True):
         torch.testing.assert_close(cam, want)
-        torch.testing.assert_close(crop, predict.unnormalize(image[None])[0])
+        torch.testing.assert_close(crop, unnormalize(image[None])[0])
         assert crop.min() >= -1e-6 and crop.max() <= 1 + 1e-6
 
 
