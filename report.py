@@ -137,7 +137,8 @@ def run_facts(summary: dict, checkpoint: Checkpoint | None, model: VisionTransfo
              ("split", f"seed {summary['seed']}, validation rate {summary['val_rate']}")]
     if checkpoint is not None and checkpoint.epoch is not None:
         planned = checkpoint.args.get("epochs")
-        facts.append(("epochs", f"{checkpoint.epoch + 1}" + (f" of {planned}" if planned else "")))
+        facts.append(("epochs trained", f"{checkpoint.epoch + 1}"
+                      + (f" of {planned}" if planned else "")))
     if checkpoint is not None and checkpoint.best_acc is not None:
         facts.append(("best validation accuracy in training", f"{checkpoint.best_acc:.4f}"))
     return facts
@@ -161,6 +162,11 @@ tr.avg td { color: #555; font-style: italic; }
 .figures { display: grid; grid-template-columns: repeat(auto-fit, minmax(320px, 1fr));
            gap: 1rem; align-items: start; }
 .figures img { width: 100%; height: auto; }
+.summary { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1.2fr); gap: 1.5rem;
+           align-items: start; }
+.summary figure { margin: 0; }
+.summary img { width: 100%; max-width: 560px; height: auto; }
+@media (max-width: 820px) { .summary { grid-template-columns: 1fr; } }
 .cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(340px, 1fr));
          gap: .8rem; }
 .card { border: 1px solid #ddd; border-left: 5px solid #2a8a2a; border-radius: 4px;
@@ -176,7 +182,7 @@ tr.avg td { color: #555; font-style: italic; }
 @media print {
   body { max-width: none; padding: 0; font-size: 11pt; }
   h2 { break-after: avoid; page-break-after: avoid; }
-  .figures, .card, table { break-inside: avoid; page-break-inside: avoid; }
+  .figures, .summary, .card, table { break-inside: avoid; page-break-inside: avoid; }
   .cards { grid-template-columns: repeat(2, 1fr); }
 }
 """
@@ -218,15 +224,19 @@ def _gallery_html(mistakes: list[Card], correct: list[Card], total_mistakes: int
     elif total_mistakes > len(mistakes):
         intro = (f"<p>The {len(mistakes)} most confident of {total_mistakes} mistakes; "
                  f"misclassified.csv lists every one.</p>")
+    elif total_mistakes == 1:
+        intro = "<p>The one misclassified image.</p>"
     else:
         intro = (f"<p>All {total_mistakes} misclassified images, the most confident "
                  f"mistake first.</p>")
+    intro += ("<p>Each card: the crop the model saw, its attention rollout (Abnar &amp; "
+              "Zuidema 2020) and the Grad-CAM map of the predicted class (Selvaraju et al. "
+              "2017).</p>")
     wrong = "".join(_card_html(card, True) for card in mistakes)
     right = "".join(_card_html(card, False) for card in correct)
     return (f'<h2 id="mistakes">Misclassified images</h2>{intro}<div class="cards">{wrong}</div>'
             f'<h2 id="correct">Correctly classified, up to {CORRECT_PER_CLASS} per class</h2>'
-            f"<p>For comparison. Each card: the crop the model saw, the attention rollout "
-            f"(Abnar &amp; Zuidema 2020) and the Grad-CAM map of the predicted class.</p>"
+            f"<p>For comparison: where the model looks when it is right.</p>"
             f'<div class="cards">{right}</div>')
 
 
@@ -234,7 +244,7 @@ def render_page(facts: list[tuple[str, str]], metrics: dict, confusion_uri: str,
                 curve_uris: list[str] | None, gallery: str) -> str:
     """The whole page; every string from outside is escaped where it is put in."""
     title = f"Evaluation of {Path(metrics['weights']).name}"
-    figures = f'<figure><img src="{confusion_uri}" alt="confusion matrix"></figure>'
+    confusion = f'<figure><img src="{confusion_uri}" alt="confusion matrix"></figure>'
     if curve_uris:
         curves = "".join(f'<figure><img src="{uri}" alt="training curve"></figure>'
                          for uri in curve_uris)
@@ -246,11 +256,10 @@ def render_page(facts: list[tuple[str, str]], metrics: dict, confusion_uri: str,
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"
             f"<h1>{html.escape(title)}</h1>{_facts_html(facts)}"
-            f'<h2 id="metrics">Accuracy and per-class metrics</h2>'
-            f'<p class="accuracy">accuracy <b>{metrics["accuracy"]:.4f}</b> '
-            f'({metrics["correct"]} of {metrics["num_images"]} images)</p>'
-            f'{_table_html(metrics)}<h2 id="confusion">Confusion matrix</h2>'
-            f'<div class="figures">{figures}</div>'
+            f'<h2 id="metrics">Accuracy, per-class metrics, confusion matrix</h2>'
+            f'<div class="summary"><div><p class="accuracy">accuracy '
+            f'<b>{metrics["accuracy"]:.4f}</b> ({metrics["correct"]} of '
+            f'{metrics["num_images"]} images)</p>{_table_html(metrics)}</div>{confusion}</div>'
             f'<h2 id="curves">Training curves</h2>{curves}{gallery}</body></html>\n')
 
 
