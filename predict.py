@@ -410,6 +410,8 @@ def save_grad_cam_figures(model: VisionTransformer, paths: list[Path], probs: to
     for i, (crop, cam) in enumerate(maps):
         title = f"{paths[i].name}: {class_names[best[i]]} ({probs[i, best[i]]:.2f})"
         cam_title = f"Grad-CAM: {class_names[targets[i]]} (block {args.cam_layer})"
+        if cam.max() == 0:  # ReLU(Eq. 2) left nothing: no patch raises this class's score
+            cam_title += ", all zero"
         save_figure(grad_cam_figure(crop, cam, title, cam_title), outputs[i])
 
 

@@ -98,7 +98,8 @@ def build_cards(model: VisionTransformer, indices: list[int], paths: list[Path],
                           top_classes(probs[i], class_names, TOP_K),
                           [("input", _thumbnail(picture)),
                            ("attention rollout", _thumbnail(overlay_on_crop(crop, rollout))),
-                           (f"Grad-CAM: {predicted}", _thumbnail(overlay_on_crop(crop, cam)))]))
+                           (f"Grad-CAM: {predicted}{', all zero' if cam.max() == 0 else ''}",
+                            _thumbnail(overlay_on_crop(crop, cam)))]))
     return cards
 
 

@@ -24,7 +24,7 @@ CKPT=$WORK/weights/best.pth
     --save-fig docs/prediction_grid.png
 "$PY" predict.py "$WORK/unseen/sunflowers/sunflowers_0000.jpg" --weights "$CKPT" --device cpu \
     --attention docs/attention.png
-"$PY" predict.py "$WORK/unseen/sunflowers/sunflowers_0000.jpg" --weights "$CKPT" --device cpu \
+"$PY" predict.py "$WORK/unseen/roses/roses_0001.jpg" --weights "$CKPT" --device cpu \
     --grad-cam docs/grad_cam.png
 
 "$PY" evaluate.py --weights "$CKPT" --device cpu --workers 0 --output-dir "$WORK/evaluation" \
@@ -33,7 +33,7 @@ cp "$WORK/evaluation/confusion_matrix.png" "$WORK/evaluation/class_distribution.
 CHROMIUM=$(command -v chromium || command -v chromium-headless-shell || true)
 if [ -n "$CHROMIUM" ]; then
     # The top of the page at laptop width, halved: under 300 KB once quantised below.
-    "$CHROMIUM" --headless --no-sandbox --hide-scrollbars --window-size=1280,1600 \
+    "$CHROMIUM" --headless --no-sandbox --hide-scrollbars --window-size=1280,2300 \
         --screenshot="$PWD/docs/evaluation_report.png" "file://$PWD/$WORK/evaluation/report.html"
     "$PY" -c "from PIL import Image; i = Image.open('docs/evaluation_report.png'); \
 i.resize((i.width // 2, i.height // 2), Image.Resampling.LANCZOS).save(i.filename)"
