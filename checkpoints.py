@@ -346,7 +346,11 @@ def lock_run_folder(folder: str | Path) -> Iterator[None]:
             handle.flush()
         except OSError as err:
             raise _write_error(path, err) from None
-        yield
+        try:
+            yield
+        finally:  # removed while still held, so a folder a run has finished with looks untouched
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
 def remove_temporary_files(folder: str | Path) -> list[Path]:

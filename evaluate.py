@@ -3,6 +3,7 @@
     python evaluate.py --weights weights/best.pth                 # the validation split
     python evaluate.py --weights weights/best.pth --all           # every image in the folder
     python evaluate.py --weights weights/best.pth --data-path other_flowers --all
+    python evaluate.py --weights weights/best.pth --html evaluation/report.html
 
 The validation split is rebuilt as train.py made it: the seed and validation rate come
 from the checkpoint's "args" (train.py's defaults, 0 and 0.2, for files that lack them),
@@ -13,6 +14,9 @@ and the data folder too unless --data-path is given. Writes to --output-dir:
     confusion_matrix.png
     class_distribution.png  train / validation images per class
     misclassified.csv       path, true, predicted, prob (most confident mistakes first)
+
+and with --html PATH one self-contained page of all this, the training curves and a gallery
+of the mistakes with their attention and Grad-CAM maps (report.py).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from predict import load_classifier, predict_probs, resolve_weights
 from utils import read_split_data, select_device
 from visualize import (
     confusion_matrix,
+    misclassified_indices,
     per_class_metrics,
     plot_class_distribution,
     plot_confusion_matrix,
@@ -60,6 +65,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=None,
                         help="image-loading processes (default: up to 4)")
     add_device_flag(parser)
+    parser.add_argument("--html", default=None, metavar="PATH",
+                        help="also write one self-contained HTML page: the facts of the run, "
+                             "the metrics, the curves and the mistakes with their attention "
+                             "and Grad-CAM maps")
     return parser
 
 
@@ -132,9 +141,8 @@ def write_metrics_csv(metrics: dict, path: Path) -> None:
 def write_misclassified(result: Evaluation, path: Path) -> int:
     """One row per wrong prediction, the most confident first; returns the row count."""
     preds, names = result.preds, result.class_names
-    wrong = (preds != result.labels).nonzero().flatten().tolist()
+    wrong = misclassified_indices(result.probs, result.labels)
     confidence = result.probs.max(dim=1).values
-    wrong.sort(key=lambda i: -confidence[i].item())
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "true", "predicted", "prob"])
@@ -147,6 +155,7 @@ def write_misclassified(result: Evaluation, path: Path) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1.")
+    check_html_path(args.html)
     weights_path = resolve_weights(args.weights)
     # The weights first: a broken file is the problem to report even when the data folder
     # it names is missing too.
@@ -204,7 +213,21 @@ def run(args: argparse.Namespace) -> int:
                 out / "class_distribution.png")
     print(f"Results in {out}: metrics.json, metrics.csv, misclassified.csv, "
           f"confusion_matrix.png, class_distribution.png")
+    if args.html:
+        from report import write_html_report
+
+        write_html_report(Path(args.html), report, weights_path, model, args.model_name,
+                          paths, result.labels, probs, device, args.batch_size)
+        print(f"Report: {args.html}")
     return 0
+
+
+def check_html_path(html: str | None) -> None:
+    from report import HTML_SUFFIXES
+
+    if html is not None and (Path(html).suffix.lower() not in HTML_SUFFIXES
+                             or Path(html).is_dir()):
+        raise UserError(f"--html {html} should name a file ending in .html.")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -222,6 +222,20 @@ def show_cam_on_image(img: np.ndarray, mask: np.ndarray, use_rgb: bool = False,
     return np.uint8(255 * overlay / overlay.max())
 
 
+def overlay_on_crop(crop: torch.Tensor, grid: torch.Tensor) -> np.ndarray:
+    """A map of any size (a patch grid, or a Grad-CAM map) as a heat map over the crop the
+    model saw: uint8 (H, W, 3). The map is upsampled to the crop and scaled to [0, 1].
+
+    Args:
+        crop: (3, H, W) in [0, 1], the model's input with the normalisation undone.
+        grid: (h, w), any values (attention weights, a Grad-CAM map).
+    """
+    size = tuple(crop.shape[-2:])
+    heat = min_max(upsample(grid[None].float().cpu(), size))[0]
+    picture = crop.permute(1, 2, 0).clamp(0, 1).cpu().numpy()
+    return show_cam_on_image(picture, heat.numpy(), use_rgb=True)
+
+
 def center_crop_img(img: np.ndarray, size: int) -> np.ndarray:
     """Resize the shorter side to `size` (bilinear, antialiased) and cut the centre square:
     (H, W, C) or (H, W) -> (size, size[, C]), the same dtype."""

@@ -102,6 +102,13 @@ def build_transforms(img_size: int = 224, train: bool = True) -> Callable:
     ])
 
 
+def unnormalize(images: torch.Tensor) -> torch.Tensor:
+    """Undo the transforms' Normalize: (B, 3, H, W) in [0, 1], the pixels the model saw."""
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
+    return images * std + mean
+
+
 class MyDataSet(Dataset):
     """Images and their class indices, read as RGB (the reproduced repository's name)."""
 

@@ -5,6 +5,7 @@
     python predict.py flower_photos/roses my_photos/ a.jpg --topk 2 --save-fig grid.png
     python predict.py flower_photos --json > predictions.jsonl
     python predict.py IMAGE --attention attention.png      # attention rollout + last block
+    python predict.py IMAGE --grad-cam gradcam.png --target-class roses   # Grad-CAM
 
 Folders are searched recursively for image files (.jpg, .jpeg, .png, ... in any case;
 names starting with "." are left out). A file in a folder that cannot be decoded is
@@ -31,13 +32,12 @@ from cli import DEFAULT_MODEL, add_device_flag, add_weights_flags, run_main
 from errors import UserError
 from my_dataset import (
     IMG_EXTENSIONS_HINT,
-    MEAN,
-    STD,
     MyDataSet,
     build_transforms,
     check_image,
     is_image_file,
     open_rgb,
+    unnormalize,
 )
 from utils import read_class_indices, select_device
 from vit_model import VisionTransformer
@@ -71,6 +71,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "block's class-token attention: a .png for one image, else a "
                              "folder with one <name>.attention.png per image")
     parser.add_argument("--show", action="store_true", help="open a window with the figure")
+    parser.add_argument("--grad-cam", default=None, metavar="PATH",
+                        help="save each image beside its Grad-CAM heat map: a .png for one "
+                             "image, else a folder with one <name>.gradcam.png per image")
+    parser.add_argument("--target-class", default=None, metavar="NAME",
+                        help="--grad-cam's class for every image (default: each image's "
+                             "predicted class)")
+    parser.add_argument("--cam-layer", type=int, default=-1, metavar="N",
+                        help="--grad-cam's block, whose norm1 output is the layer (default: "
+                             "-1, the last; negative indexes count from the end)")
     return parser
 
 
@@ -198,14 +207,27 @@ def attention_grids(model: VisionTransformer, paths: list[Path], device: torch.d
     from visualize import attention_rollout, last_layer_attention
 
     model = model.eval().to(device)
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
     for images, _ in image_loader(model, paths, batch_size, workers):
         maps = model.attention_maps(images.to(device))
         rollout = attention_rollout(maps).cpu()
         last = last_layer_attention(maps).cpu()
-        crops = images * std + mean  # undo Normalize to show the pixels
-        yield from zip(crops, rollout, last, strict=True)
+        yield from zip(unnormalize(images), rollout, last, strict=True)
+
+
+def grad_cam_maps(model: VisionTransformer, paths: list[Path], device: torch.device,
+                  target_classes: list[int], block: int = -1, batch_size: int = 32,
+                  workers: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Per image: (the crop the model saw, (3, H, W) in [0, 1]; its Grad-CAM map for
+    target_classes[i] at blocks[block], (H, W) in [0, 1], as grad_cam.vit_grad_cam)."""
+    from grad_cam import vit_grad_cam
+
+    model = model.eval().to(device)
+    start = 0
+    for images, _ in image_loader(model, paths, batch_size, workers):
+        targets = target_classes[start:start + len(images)]
+        start += len(images)
+        maps = vit_grad_cam(model, images.to(device), targets, block).cpu()
+        yield from zip(unnormalize(images), maps, strict=True)
 
 
 # --------------------------------------------------------------------------- output
@@ -263,19 +285,21 @@ def prediction_figure(paths: list[Path], probs: torch.Tensor, class_names: list[
     return plot_prediction_grid([open_rgb(p) for p in shown], titles, colours, columns=4)
 
 
-def attention_outputs(target: str, paths: list[Path]) -> list[Path]:
-    """Where each image's attention figure goes: the file itself for one image, else a folder."""
+def figure_outputs(target: str, paths: list[Path], flag: str = "--attention",
+                   kind: str = "attention") -> list[Path]:
+    """Where each image's figure of `flag` goes: the file itself for one image, else a
+    folder of <name>.<kind>.png."""
     target_path = Path(target)
     if target_path.suffix.lower() in FIGURE_SUFFIXES:
         if len(paths) > 1:
-            raise UserError(f"--attention {target} names one file but {len(paths)} images were "
+            raise UserError(f"{flag} {target} names one file but {len(paths)} images were "
                             f"given; pass a folder instead.")
         return [target_path]
     outputs, used = [], set()
     for path in paths:
-        name = f"{path.stem}.attention.png"
+        name = f"{path.stem}.{kind}.png"
         if name in used:  # the same file name in two folders
-            name = f"{path.parent.name}_{path.stem}.attention.png"
+            name = f"{path.parent.name}_{path.stem}.{kind}.png"
         used.add(name)
         outputs.append(target_path / name)
     return outputs
@@ -300,12 +324,18 @@ def run(args: argparse.Namespace) -> int:
                         f"(first: {unreadable[0][0]}: {unreadable[0][1]}).")
     for path, why in unreadable:
         print(f"warning: skipping {path}: cannot be read as an image ({why}).", file=sys.stderr)
-    attention_paths = attention_outputs(args.attention, paths) if args.attention else []
+    attention_paths = figure_outputs(args.attention, paths) if args.attention else []
+    if not args.grad_cam and (args.target_class is not None or args.cam_layer != -1):
+        raise UserError("--target-class and --cam-layer choose the map of --grad-cam; add "
+                        "--grad-cam PATH.")
+    grad_cam_paths = (figure_outputs(args.grad_cam, paths, "--grad-cam", "gradcam")
+                      if args.grad_cam else [])
 
     with contextlib.redirect_stdout(notices):  # select_device's CPU fallback notice
         device = select_device(args.device)
     model, class_names = load_classifier(resolve_weights(args.weights), args.class_indices,
                                          args.model_name)
+    cam_target = check_grad_cam_flags(args, model, class_names)
     probs = predict_probs(model, paths, device, args.batch_size, args.workers)
     if args.json:
         print_json(paths, probs, class_names, args.topk)
@@ -332,7 +362,57 @@ def run(args: argparse.Namespace) -> int:
             save_figure(plot_attention(crop, rollout, last, title), attention_paths[i])
         where = attention_paths[0] if len(attention_paths) == 1 else attention_paths[0].parent
         print(f"Attention maps saved to {where}", file=notices)
+    if grad_cam_paths:
+        targets = ([cam_target] * len(paths) if cam_target is not None
+                   else probs.argmax(dim=1).tolist())
+        save_grad_cam_figures(model, paths, probs, class_names, targets, args, device,
+                              grad_cam_paths)
+        where = grad_cam_paths[0] if len(grad_cam_paths) == 1 else grad_cam_paths[0].parent
+        print(f"Grad-CAM maps saved to {where}", file=notices)
     return 0
+
+
+def check_grad_cam_flags(args: argparse.Namespace, model: VisionTransformer,
+                         class_names: list[str]) -> int | None:
+    """--target-class as a class index (None: each image's prediction); --cam-layer in range."""
+    depth = len(model.blocks)
+    if not -depth <= args.cam_layer < depth:
+        raise UserError(f"--cam-layer {args.cam_layer} is outside the model's {depth} blocks; "
+                        f"pass {-depth}..{depth - 1}.")
+    if args.target_class is None:
+        return None
+    if args.target_class not in class_names:
+        raise UserError(f"--target-class {args.target_class} is not one of the model's "
+                        f"classes: {', '.join(class_names)}.")
+    return class_names.index(args.target_class)
+
+
+def grad_cam_figure(crop: torch.Tensor, cam: torch.Tensor, title: str, cam_title: str):
+    """The crop the model saw beside it with its Grad-CAM map as a heat map."""
+    from grad_cam import show_cam_on_image
+    from visualize import plot_prediction_grid
+
+    picture = crop.permute(1, 2, 0).clamp(0, 1).numpy()
+    heat = show_cam_on_image(picture, cam.numpy(), use_rgb=True)
+    fig = plot_prediction_grid([picture, heat], ["input", cam_title], columns=2, cell=3.4)
+    fig.suptitle(title)
+    return fig
+
+
+def save_grad_cam_figures(model: VisionTransformer, paths: list[Path], probs: torch.Tensor,
+                          class_names: list[str], targets: list[int], args: argparse.Namespace,
+                          device: torch.device, outputs: list[Path]) -> None:
+    from visualize import save_figure
+
+    best = probs.argmax(dim=1).tolist()
+    maps = grad_cam_maps(model, paths, device, targets, args.cam_layer, args.batch_size,
+                         args.workers)
+    for i, (crop, cam) in enumerate(maps):
+        title = f"{paths[i].name}: {class_names[best[i]]} ({probs[i, best[i]]:.2f})"
+        cam_title = f"Grad-CAM: {class_names[targets[i]]} (block {args.cam_layer})"
+        if cam.max() == 0:  # ReLU(Eq. 2) left nothing: no patch raises this class's score
+            cam_title += ", all zero"
+        save_figure(grad_cam_figure(crop, cam, title, cam_title), outputs[i])
 
 
 def main(argv: list[str] | None = None) -> int:

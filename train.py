@@ -52,8 +52,8 @@ from cuda_graphs import CudaGraphModel, use_cuda_graphs
 from demo_data import make_demo_flowers
 from distributed import Distributed, ShardSampler, barrier, init_distributed, shut_down
 from download import WEIGHTS_FILE
-from errors import UserError, WeightsError, WriteError
-from my_dataset import MyDataSet, build_transforms
+from errors import ProjectError, UserError, WeightsError, WriteError
+from my_dataset import MyDataSet, build_transforms, unnormalize
 from utils import (
     EpochStats,
     FeatureCache,
@@ -66,7 +66,7 @@ from utils import (
     train_one_epoch,
     write_class_indices,
 )
-from visualize import plot_confusion_matrix
+from visualize import attention_rollout, plot_confusion_matrix, plot_prediction_grid
 from vit_model import VisionTransformer, create_model
 from weights import build_model_for, fit_state_dict, read_weights
 
@@ -76,6 +76,7 @@ DEMO_DATA = Path("demo_data") / "flower_photos"
 # synthetic flowers from scratch in about a minute on two CPU cores.
 DEMO_SETTINGS = dict(data_path=str(DEMO_DATA), model_name="vit_demo_patch8_64", weights="",
                      freeze_layers=False, batch_size=16, lr=0.05, device="cpu")
+ATTENTION_IMAGES = 4  # validation images whose attention rollout TensorBoard shows each epoch
 
 
 def str_to_bool(text: str) -> bool:
@@ -393,16 +394,30 @@ def claim_output_dir(args: argparse.Namespace, setup: Setup) -> Iterator[None]:
     if not setup.dist_info.is_main:
         yield
         return
-    for folder in (args.output_dir, args.log_dir):
+    folders = [Path(args.output_dir), Path(args.log_dir)]
+    created = [folder for folder in folders if not folder.exists()]
+    for folder in folders:
         try:
-            Path(folder).mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise WriteError(f"Cannot create the folder {folder} ({err.strerror or err}); "
                              f"pass another --output-dir or --log-dir.") from None
     with lock_run_folder(args.output_dir):
         for path in remove_temporary_files(args.output_dir):
             setup.log(f"note: removed {path}, left by a write that was interrupted.")
-        yield
+        try:
+            yield
+        except (ProjectError, KeyboardInterrupt):
+            leave_no_trace(created)
+            raise
+
+
+def leave_no_trace(created: list[Path]) -> None:
+    """A run refused before it wrote anything leaves no empty folders behind."""
+    with contextlib.suppress(OSError):
+        for folder in created:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
 
 
 # --------------------------------------------------------------------------- model and resume
@@ -750,6 +765,35 @@ class RunOutputs:
 
         self.writer = SummaryWriter(log_dir=str(log_dir))
         self.saver = CheckpointWriter()
+        # The validation images whose attention TensorBoard shows each epoch: spread over the
+        # split, which lists the classes in order, so most classes are among them.
+        count = min(ATTENTION_IMAGES, len(split.val_images))
+        chosen = [len(split.val_images) * i // count for i in range(count)]
+        self.attention_paths = [split.val_images[i] for i in chosen]
+        self.attention_titles = [split.class_names[split.val_labels[i]] for i in chosen]
+
+    def attention_rollout(self, epoch: int, model: VisionTransformer,
+                          device: torch.device) -> None:
+        """The rollout of the fixed validation images, computed here (four images: cheap) on
+        the plain model, drawn on the writer's thread."""
+        images = MyDataSet(self.attention_paths, [0] * len(self.attention_paths),
+                           build_transforms(model.image_size, train=False))
+        batch = torch.stack([image for image, _ in images])
+        was_training = model.training
+        with torch.no_grad():
+            rollout = attention_rollout(model.eval().attention_maps(batch.to(device))).cpu()
+        model.train(was_training)
+
+        def draw() -> None:
+            from grad_cam import overlay_on_crop
+
+            pictures = [overlay_on_crop(crop, grid)
+                        for crop, grid in zip(unnormalize(batch), rollout, strict=True)]
+            figure = plot_prediction_grid(pictures, self.attention_titles,
+                                          columns=len(pictures))
+            self.writer.add_figure("attention_rollout", figure, epoch)
+
+        self.saver.run(draw)
 
     def epoch_done(self, epoch: int, metrics: dict, confusion: torch.Tensor,
                    checkpoint: Checkpoint, is_best: bool) -> None:
@@ -823,6 +867,7 @@ def run_epochs(args: argparse.Namespace, setup: Setup, split: Split, wrappers: W
                 samples={"train": train_stats.samples, "val": val_stats.samples},
                 **training_state(optimisation.optimizer, optimisation.scheduler,
                                  optimisation.settings.scaler))
+            outputs.attention_rollout(epoch, model, setup.device)
             outputs.epoch_done(epoch, metrics, val_stats.confusion, checkpoint, is_best)
         if outputs is not None:
             outputs.finish()

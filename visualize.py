@@ -104,6 +104,14 @@ def confusion_matrix(preds: torch.Tensor | Sequence[int], labels: torch.Tensor |
     return flat.reshape(num_classes, num_classes)
 
 
+def misclassified_indices(probs: torch.Tensor, labels: torch.Tensor | Sequence[int]
+                          ) -> list[int]:
+    """Indices of the wrong predictions, the most confident first (ties: in input order)."""
+    confidence, preds = probs.max(dim=1)
+    wrong = (preds != torch.as_tensor(labels)).nonzero().flatten().tolist()
+    return sorted(wrong, key=lambda i: -confidence[i].item())
+
+
 def per_class_metrics(cm: torch.Tensor) -> dict[str, torch.Tensor]:
     """Precision, recall, F1 and support per class from a confusion matrix.
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import csv
+import io
 import json
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -211,3 +214,135 @@ def test_seed_and_val_rate_flags_choose_the_split_evaluated(trained, tmp_path, c
     probs = predict_probs(model, split.val_images, torch.device("cpu"), workers=0)
     expected = confusion_matrix(probs.argmax(1), torch.tensor(split.val_labels), 5)
     assert metrics["confusion_matrix"] == expected.tolist()
+
+
+# --------------------------------------------------------------------------- --html
+
+
+class PageParser(HTMLParser):
+    """What the tests read of the report: images, links, the table's rows, the cards."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sources: list[str] = []
+        self.links: list[str] = []
+        self.rows: list[list[str]] = []
+        self.cards: list[dict] = []
+        self.tags: set[str] = set()
+        self._in_table = self._in_cell = self._in_path = False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.add(tag)
+        if tag == "img":
+            self.sources.append(attrs["src"])
+        for name in ("href", "src"):
+            if name in attrs and tag != "img":
+                self.links.append(attrs[name])
+        if tag == "table":
+            self._in_table = True
+        elif tag == "tr" and self._in_table:
+            self.rows.append([])
+        elif tag in ("td", "th") and self._in_table:
+            self._in_cell = True
+            self.rows[-1].append("")
+        elif tag == "article":
+            self.cards.append({"wrong": "wrong" in attrs.get("class", ""), "path": ""})
+        elif tag == "p" and attrs.get("class") == "path":
+            self._in_path = True
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self._in_table = False
+        elif tag in ("td", "th"):
+            self._in_cell = False
+        elif tag == "p":
+            self._in_path = False
+
+    def handle_data(self, data):
+        if self._in_cell:
+            self.rows[-1][-1] += data
+        if self._in_path:
+            self.cards[-1]["path"] += data
+
+
+def read_page(path: Path) -> PageParser:
+    parser = PageParser()
+    parser.feed(path.read_text(encoding="utf-8"))
+    return parser
+
+
+def test_html_report_stands_alone_and_agrees_with_metrics_json(trained, tmp_path, capsys):
+    data, ckpt = trained
+    out_dir, page = tmp_path / "eval", tmp_path / "pages" / "report.html"
+    rc, out, _ = run_evaluate(["--weights", ckpt, "--data-path", data, "--output-dir", out_dir,
+                               "--device", "cpu", "--workers", "0", "--html", page], capsys)
+    assert rc == 0 and f"Report: {page}" in out
+    parsed = read_page(page)
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+
+    # Every picture is an embedded PNG; nothing points outside the file, nothing is scripted.
+    assert parsed.sources and "script" not in parsed.tags
+    for source in parsed.sources:
+        prefix = "data:image/png;base64,"
+        assert source.startswith(prefix)
+        with Image.open(io.BytesIO(base64.b64decode(source[len(prefix):]))) as picture:
+            assert picture.format == "PNG"
+            picture.load()
+    assert not any("http" in link for link in parsed.links + parsed.sources)
+    assert "http" not in page.read_text().replace("http-equiv", "")
+
+    # The table's numbers are metrics.json's.
+    header, *rows = parsed.rows
+    assert header == ["class", "precision", "recall", "F1", "support"]
+    table = {row[0]: row[1:] for row in rows}
+    expected = {**metrics["classes"], "macro avg": {**metrics["macro_avg"],
+                                                     "support": metrics["num_images"]},
+                "weighted avg": {**metrics["weighted_avg"], "support": metrics["num_images"]}}
+    assert set(table) == set(expected)
+    for name, values in expected.items():
+        for cell, key in zip(table[name], ("precision", "recall", "f1"), strict=False):
+            assert float(cell) == pytest.approx(values[key], abs=5e-5), (name, key)
+        assert int(table[name][3]) == values["support"]
+
+    # Every misclassified file appears once, as a misclassified card; correct ones apart.
+    with (out_dir / "misclassified.csv").open() as f:
+        wrong = [row["path"] for row in csv.DictReader(f)]
+    assert wrong, "the one-epoch model should make mistakes for this test to mean anything"
+    shown = [card["path"] for card in parsed.cards if card["wrong"]]
+    assert shown == wrong  # once each, in the same order: the most confident first
+    right = [card["path"] for card in parsed.cards if not card["wrong"]]
+    assert not set(right) & set(wrong)
+    assert len(right) == metrics["correct"] or len(right) == 3 * len(metrics["class_names"])
+    assert len(parsed.sources) == 3 * len(parsed.cards) + 1 + 2  # cards, matrix, two curves
+
+
+def test_html_report_without_the_run_says_so(trained, tmp_path, capsys):
+    data, ckpt = trained
+    alone = tmp_path / "alone" / "weights.pth"
+    alone.parent.mkdir()
+    alone.write_bytes(ckpt.read_bytes())  # no model-*.pth beside it: the run is unknown
+    page = tmp_path / "report.html"
+    rc, _, _ = run_evaluate(["--weights", alone, "--data-path", data, "--output-dir", tmp_path,
+                             "--device", "cpu", "--workers", "0", "--html", page], capsys)
+    assert rc == 0
+    text = page.read_text()
+    assert "so there are no curves" in text and 'alt="training curve"' not in text
+
+
+def test_html_report_escapes_what_it_did_not_write():
+    import report
+
+    card = report.Card(Path("<script>alert(1)</script>.jpg"), "a&b", "<u>", [("<u>", 0.5)],
+                       [("<s>", "data:image/png;base64,")])
+    page = report._card_html(card, wrong=True)
+    assert "<script>" not in page and "<u>" not in page and "<s>" not in page
+    assert "&lt;script&gt;" in page and "a&amp;b" in page
+
+
+def test_html_path_must_be_an_html_file(trained, tmp_path, capsys):
+    _, ckpt = trained
+    rc, out, err = run_evaluate(["--weights", ckpt, "--device", "cpu", "--output-dir",
+                                 tmp_path / "eval", "--html", tmp_path / "report.pdf"], capsys)
+    assert rc == 2 and out == "" and err.startswith("error: --html") and "ending in .html" in err
+    assert not (tmp_path / "eval").exists()

@@ -14,7 +14,7 @@ from conftest import run_cli
 from PIL import Image
 
 import predict
-from my_dataset import MEAN, STD, build_transforms, open_rgb
+from my_dataset import MEAN, STD, build_transforms, open_rgb, unnormalize
 from visualize import attention_rollout, last_layer_attention, plot_attention, rollout_matrix
 from vit_model import VisionTransformer, create_model
 
@@ -519,3 +519,87 @@ def test_default_weights_fall_back_to_the_newest_epoch_checkpoint_by_number(
                                capsys)
     rc, out, _ = run_predict([image, "--device", "cpu"], capsys)
     assert rc == 0 and out == newest
+
+
+# --------------------------------------------------------------------------- Grad-CAM
+
+
+def test_grad_cam_maps_are_vit_grad_cam_for_the_given_targets(trained):
+    from grad_cam import vit_grad_cam
+
+    data, ckpt = trained
+    model, _ = predict.load_classifier(ckpt)
+    paths = [data / "roses" / "roses_0000.jpg", data / "tulips" / "tulips_0000.jpg",
+             data / "daisy" / "daisy_0001.jpg"]
+    targets = [2, 0, 4]
+    panels = list(predict.grad_cam_maps(model, paths, torch.device("cpu"), targets, block=-2,
+                                        batch_size=2, workers=0))  # two batches
+    images = torch.stack([image for image, _ in predict.image_loader(model, paths, workers=0)
+                          .dataset])
+    expected = vit_grad_cam(model.eval(), images, targets, block=-2)
+    assert len(panels) == 3
+    for (crop, cam), image, want in zip(panels, images, expected, strict=True):
+        torch.testing.assert_close(cam, want)
+        torch.testing.assert_close(crop, unnormalize(image[None])[0])
+        assert crop.min() >= -1e-6 and crop.max() <= 1 + 1e-6
+
+
+def test_grad_cam_maps_work_for_another_input_and_patch_size(trained):
+    data, _ = trained
+    torch.manual_seed(0)
+    model = create_model("vit_demo_patch8_64", img_size=48, patch_size=16, num_classes=5)
+    torch.nn.init.normal_(model.head.weight)  # the head starts at zero: no gradient, no map
+    paths = [data / "roses" / "roses_0000.jpg", data / "daisy" / "daisy_0000.jpg"]
+    panels = list(predict.grad_cam_maps(model, paths, torch.device("cpu"), [1, 3], workers=0))
+    for crop, cam in panels:
+        assert crop.shape == (3, 48, 48) and cam.shape == (48, 48)
+        assert cam.min() >= 0 and cam.max() <= 1 and cam.max() > 0.5  # scaled, not all zero
+
+
+def test_grad_cam_figures_and_target_class(trained, tmp_path, capsys):
+    data, ckpt = trained
+    image = data / "roses" / "roses_0002.jpg"
+    single = tmp_path / "gradcam.png"
+    rc, out, _ = run_predict([image, "--weights", ckpt, "--device", "cpu", "--grad-cam", single],
+                             capsys)
+    assert rc == 0 and f"Grad-CAM maps saved to {single}" in out
+    with Image.open(single) as picture:
+        assert picture.format == "PNG" and picture.width > 1.5 * picture.height  # two panels
+        picture.load()
+    folder = tmp_path / "maps"
+    rc, _, _ = run_predict([data / "tulips", image, "--weights", ckpt, "--device", "cpu",
+                            "--grad-cam", folder, "--cam-layer", "0"], capsys)
+    assert rc == 0
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [f"tulips_{i:04d}.gradcam.png" for i in range(6)] + ["roses_0002.gradcam.png"])
+
+    model, names = predict.load_classifier(ckpt)
+    predicted = int(predict.predict_image(model, image, torch.device("cpu")).argmax())
+    other = (predicted + 1) % len(names)
+    (_, for_predicted), = predict.grad_cam_maps(model, [image], torch.device("cpu"), [predicted])
+    (_, for_other), = predict.grad_cam_maps(model, [image], torch.device("cpu"), [other])
+    assert not torch.allclose(for_predicted, for_other, atol=1e-3)
+    rc, _, _ = run_predict([image, "--weights", ckpt, "--device", "cpu", "--grad-cam",
+                            tmp_path / "other.png", "--target-class", names[other]], capsys)
+    assert rc == 0
+    with Image.open(tmp_path / "other.png") as a, Image.open(single) as b:
+        assert a.size == b.size and a.tobytes() != b.tobytes()
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--target-class", "orchids"], "--target-class orchids is not one of the model's classes: "
+                                    + ", ".join(CLASSES)),
+    (["--cam-layer", "4"], "--cam-layer 4 is outside the model's 4 blocks; pass -4..3"),
+    (["--cam-layer", "-5"], "--cam-layer -5 is outside"),
+])
+def test_bad_grad_cam_flags_exit_2_with_one_line(trained, tmp_path, capsys, flags, needle):
+    data, ckpt = trained
+    target = tmp_path / "gradcam.png"
+    rc, out, err = run_predict([data / "roses" / "roses_0000.jpg", "--weights", ckpt,
+                                "--device", "cpu", "--grad-cam", target, *flags], capsys)
+    assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: ") and needle in err
+    assert not target.exists()
+    rc, _, err = run_predict([data / "roses" / "roses_0000.jpg", "--weights", ckpt,
+                              "--device", "cpu", *flags], capsys)
+    assert rc == 2 and "add --grad-cam PATH" in err
