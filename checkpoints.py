@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from errors import UserError, WriteError
+from errors import UserError
+from errors import write_error as _write_error
 
 # Version 1: the keys of Checkpoint below. Raise it when a key changes meaning or goes away,
 # and teach from_dict to read the older versions.
@@ -119,11 +120,6 @@ def make_checkpoint(model: nn.Module, model_name: str, class_names: list[str],
 
 # --------------------------------------------------------------------------- writing
 
-def _write_error(path: Path, err: OSError) -> WriteError:
-    return WriteError(f"Cannot write {path} ({err.strerror or err}); check the folder and the "
-                      f"free space.")
-
-
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temporary file, then rename: a kill mid-write leaves the old file intact."""
     path = Path(path)
@@ -134,7 +130,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except OSError as err:
         raise _write_error(path, err) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        # A cleanup that fails too (the folder is gone or is a file) must not hide the error.
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def save_checkpoint(checkpoint: Checkpoint | dict, path: str | Path) -> None:
@@ -149,7 +147,9 @@ def save_checkpoint(checkpoint: Checkpoint | dict, path: str | Path) -> None:
     except OSError as err:
         raise _write_error(path, err) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        # A cleanup that fails too (the folder is gone or is a file) must not hide the error.
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def _to_cpu_copy(obj, devices: set[torch.device]):
