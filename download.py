@@ -26,6 +26,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import uuid
+import zipfile
 import zlib
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -355,6 +356,10 @@ def download_weights(
     match = _HASH_IN_NAME.search(url.rsplit("/", 1)[-1])
     hash_prefix = match.group(1) if match else source.hash_prefix
     if dst.exists():
+        if hash_prefix is None and not zipfile.is_zipfile(dst):  # .npz: no published hash
+            raise DownloadError(
+                f"{dst} exists but is not a .npz archive; delete it or choose another --output."
+            )
         if hash_prefix is not None and not _sha256(dst).startswith(hash_prefix):
             raise DownloadError(
                 f"{dst} exists but its sha256 does not start with {hash_prefix}; delete it or "

@@ -164,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
     data_path = Path(settings["data_path"])
     if not data_path.is_dir():
         origin = "given" if args.data_path else "the checkpoint was trained on"
-        raise UserError(f"Data folder {data_path} ({origin}) does not exist; pass --data-path.")
+        what = "is not a folder" if data_path.exists() else "does not exist"
+        raise UserError(f"Data folder {data_path} ({origin}) {what}; pass --data-path.")
 
     split = read_split_data(data_path, settings["val_rate"], settings["seed"],
                             warn=lambda text: print(text, file=sys.stderr))

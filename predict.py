@@ -123,6 +123,8 @@ def resolve_weights(path: str | None) -> Path:
             raise UserError("No checkpoint in ./weights; train one (python train.py, or "
                             "python train.py --demo) or pass --weights.")
         return found
+    if not path:  # Path('') is the current folder
+        raise UserError("--weights is empty; name a weights file or Hugging Face folder.")
     if not Path(path).exists():
         raise UserError(f"Weights file {path} does not exist.")
     return Path(path)
@@ -150,6 +152,8 @@ def load_classifier(weights_path: Path, class_indices: str | None = None,
 def _class_names_for(weights_path: Path, class_indices: str | None) -> list[str]:
     """--class-indices, else class_indices.json beside the weights (in a Hugging Face folder),
     else in the current folder."""
+    if class_indices and not Path(class_indices).is_file():
+        raise UserError(f"--class-indices {class_indices} is not a file.")
     beside = weights_path if weights_path.is_dir() else weights_path.parent
     candidates = ([Path(class_indices)] if class_indices
                   else [beside / CLASS_INDICES_FILE, Path(CLASS_INDICES_FILE)])

@@ -220,7 +220,7 @@ def run_all(args: argparse.Namespace, extra: list[str], command: str) -> int:
             raise UserError(f"Data folder {args.data_path} does not exist: python download.py "
                             f"flowers, or pass --data-path (or --quick for synthetic data).")
         if not Path(args.weights).is_file():
-            raise UserError(f"Weights file {args.weights} for runs 1 and 2 does not exist: "
+            raise UserError(f"Weights file {args.weights} for runs 1 and 2 is not a file: "
                             f"python download.py weights, or pass --weights.")
         common, pretrained = [], args.weights
 
