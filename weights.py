@@ -769,7 +769,7 @@ def build_model_for(weights: Weights, model_name: str, fine_tune: dict | None = 
     if weights.complete_args:
         try:
             return VisionTransformer(**weights.model_args)
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, RuntimeError, ZeroDivisionError) as err:  # e.g. width -8
             raise WeightsError(f"The checkpoint's model_args do not build a model ({err}); "
                                f"they were changed after it was written.") from None
     implied = implied_model_args(weights)
