@@ -35,7 +35,7 @@ import train
 from checkpoints import BEST_FILE, epoch_file, read_progress
 from cli import run_main
 from demo_data import make_demo_flowers
-from errors import ProjectError, UserError, make_output_dir, writing
+from errors import ProjectError, UserError, check_output_file, writing
 
 
 @dataclass(frozen=True)
@@ -200,7 +200,8 @@ def results_markdown(results: list[Result], args: argparse.Namespace, pretrained
 def run_all(args: argparse.Namespace, extra: list[str], command: str) -> int:
     if not (math.isfinite(args.epochs_scale) and args.epochs_scale > 0):
         raise UserError(f"--epochs-scale must be a positive number, not {args.epochs_scale}.")
-    out = make_output_dir(args.out, "--out")
+    out = Path(args.out)
+    check_output_file(out / "results.md", "--out")  # before hours of training, not after
     if args.quick:
         args.data_path = args.data_path or str(train.DEMO_DATA)
         if not Path(args.data_path).is_dir():
