@@ -143,3 +143,14 @@ def test_a_runs_folder_newest_best_and_pruning(tmp_path):
     prune_checkpoints(tmp_path, 1)
     assert [epoch for epoch, _ in epoch_checkpoints(tmp_path)] == [10]
     assert (tmp_path / BEST_FILE).is_file()
+
+
+def test_a_failed_cleanup_does_not_hide_the_write_error(tmp_path):
+    """The folder is a file: neither the checkpoint nor its temporary file can be made."""
+    from checkpoints import save_checkpoint
+    from errors import WriteError
+
+    (tmp_path / "file").write_text("keep me")
+    with pytest.raises(WriteError, match="Cannot write"):
+        save_checkpoint({"w": torch.zeros(1)}, tmp_path / "file" / "model-0.pth")
+    assert (tmp_path / "file").read_text() == "keep me"
