@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from errors import UserError, WriteError
+from errors import UserError
+from errors import write_error as _write_error
 
 # Version 1: the keys of Checkpoint below. Raise it when a key changes meaning or goes away,
 # and teach from_dict to read the older versions.
@@ -120,13 +121,6 @@ def make_checkpoint(model: nn.Module, model_name: str, class_names: list[str],
 
 
 # --------------------------------------------------------------------------- writing
-
-def _write_error(path: Path, err: Exception) -> WriteError:
-    reason = err.strerror if isinstance(err, OSError) and err.strerror else None
-    if reason is None:  # torch.save reports a full disk as a RuntimeError of its C++ writer
-        reason = "the write failed; is the disk full?" if isinstance(err, RuntimeError) else err
-    return WriteError(f"Cannot write {path} ({reason}); check the folder and the free space.")
-
 
 def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     """write(tmp), then rename tmp to path: a kill mid-write leaves the old file intact."""

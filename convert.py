@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from checkpoints import Checkpoint, save_checkpoint
 from cli import run_main
+from errors import check_output_file
 from weights import describe_architecture, load_model_for, read_weights
 
 
@@ -35,6 +35,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    dst = check_output_file(args.dst, "DST")  # before reading a file of hundreds of MB
     weights = read_weights(args.src)
     state_dict = weights.state_dict
     if args.model_name:
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
                             source_format=weights.format)
     else:
         output = state_dict
-    save_checkpoint(output, Path(args.dst))
+    save_checkpoint(output, dst)
     fits = f"; loads into {args.model_name} with strict=True" if args.model_name else ""
     print(f"Wrote {args.dst}: {len(state_dict)} tensors from {weights.format}, "
           f"{describe_architecture(state_dict)}{fits}.")

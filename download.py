@@ -13,6 +13,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import http.client
 import os
@@ -25,6 +26,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import uuid
+import zipfile
 import zlib
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -32,7 +34,7 @@ from typing import BinaryIO, NamedTuple
 from tqdm import tqdm
 
 from cli import run_main
-from errors import DownloadError
+from errors import DownloadError, check_output_file, write_error
 
 FLOWERS_URL = (
     "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
@@ -114,9 +116,9 @@ def download_file(
     there, a connection closed early leaves a short file in place without any error.
     """
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.partial")
     try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "xb") as f:
             size, expected, digest = _fetch(url, f, progress, dst.name)
         if expected is not None and size != expected:
@@ -147,11 +149,11 @@ def download_file(
     except ValueError as e:  # urllib: unknown url type
         raise DownloadError(f"{url!r} is not a valid URL ({e}); pass an http(s) URL.") from None
     except OSError as e:
-        raise DownloadError(
-            f"Could not write {dst} ({e.strerror or e}); check the folder and free disk space."
-        ) from None
+        raise write_error(dst, e) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        # A cleanup that fails too (the folder is gone or is a file) must not hide the error.
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return dst
 
 
@@ -354,6 +356,10 @@ def download_weights(
     match = _HASH_IN_NAME.search(url.rsplit("/", 1)[-1])
     hash_prefix = match.group(1) if match else source.hash_prefix
     if dst.exists():
+        if hash_prefix is None and not zipfile.is_zipfile(dst):  # .npz: no published hash
+            raise DownloadError(
+                f"{dst} exists but is not a .npz archive; delete it or choose another --output."
+            )
         if hash_prefix is not None and not _sha256(dst).startswith(hash_prefix):
             raise DownloadError(
                 f"{dst} exists but its sha256 does not start with {hash_prefix}; delete it or "
@@ -389,6 +395,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     progress = sys.stderr.isatty()  # keep logs free of progress-bar redraws
     if args.command == "flowers":
+        check_output_file(args.dest / "flower_photos.tgz", "--dest")
         existed = (args.dest / "flower_photos").exists()
         root = download_flowers(args.dest, args.url, progress=progress)
         counts = check_flowers(root)
@@ -398,7 +405,7 @@ def run(args: argparse.Namespace) -> int:
             f"{len(counts)} classes."
         )
     else:
-        dst = weights_path(args.format, args.output)
+        dst = check_output_file(weights_path(args.format, args.output), "--output")
         existed = dst.exists()
         path = download_weights(args.format, dst, args.url, progress=progress)
         state = "already present" if existed else "saved"

@@ -2,10 +2,15 @@
 
 Every error a user can act on derives from ProjectError: the command-line scripts print
 it as one line, ``error: <message>``, and exit with its exit_code (cli.run_main). Other
-exceptions are bugs and keep their traceback.
+exceptions are bugs and keep their traceback. The helpers at the end turn a failed write
+into a WriteError, and check an output path before the work that fills it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 
 class ProjectError(Exception):
@@ -36,3 +41,44 @@ class WriteError(ProjectError):
     """A file could not be written (disk full, read-only, a folder in the way)."""
 
     exit_code = 1
+
+
+def write_error(path: object, err: Exception) -> WriteError:
+    """The one sentence for a failed write: which file, and the system's reason."""
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else None
+    if reason is None:  # torch.save reports a full disk as a RuntimeError of its C++ writer
+        reason = "the write failed; is the disk full?" if isinstance(err, RuntimeError) else err
+    return WriteError(f"Cannot write {path} ({reason}); check the folder and the free space.")
+
+
+@contextmanager
+def writing(path: object) -> Iterator[None]:
+    """Turn an OSError raised inside the block into a WriteError naming its file, else path."""
+    try:
+        yield
+    except OSError as err:  # the file the system names is the most precise culprit
+        raise write_error(err.filename or path, err) from None
+
+
+def check_output_file(path: str | Path, flag: str) -> Path:
+    """Path, once it is known that a file can be created there: raise UserError, before any
+    work is done, when a folder is in the way or a file stands where a folder should be."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; name a file to write instead.")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"Cannot write {path}: {parent} is a file, not a folder.")
+            break
+    return path
+
+
+def make_output_dir(path: str | Path, flag: str) -> Path:
+    """mkdir -p path: a file in the way is a UserError naming flag, a failed mkdir a WriteError."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file, not a folder; pass a folder.")
+    with writing(path):
+        path.mkdir(parents=True, exist_ok=True)
+    return path

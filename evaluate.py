@@ -32,7 +32,7 @@ import torch
 
 from checkpoints import read_train_args
 from cli import add_device_flag, add_weights_flags, run_main
-from errors import UserError
+from errors import UserError, make_output_dir, writing
 from predict import load_classifier, predict_probs, resolve_weights
 from utils import read_split_data, select_device
 from visualize import (
@@ -156,6 +156,8 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1.")
     check_html_path(args.html)
+    if args.workers is not None and args.workers < 0:
+        raise UserError("--workers must be 0 or more.")
     weights_path = resolve_weights(args.weights)
     # The weights first: a broken file is the problem to report even when the data folder
     # it names is missing too.
@@ -171,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
     data_path = Path(settings["data_path"])
     if not data_path.is_dir():
         origin = "given" if args.data_path else "the checkpoint was trained on"
-        raise UserError(f"Data folder {data_path} ({origin}) does not exist; pass --data-path.")
+        what = "is not a folder" if data_path.exists() else "does not exist"
+        raise UserError(f"Data folder {data_path} ({origin}) {what}; pass --data-path.")
 
     split = read_split_data(data_path, settings["val_rate"], settings["seed"],
                             warn=lambda text: print(text, file=sys.stderr))
@@ -191,19 +194,19 @@ def run(args: argparse.Namespace) -> int:
     print(f"Evaluating {weights_path} on {len(paths)} {subset} images of {data_path} "
           f"(split seed {settings['seed']}, val rate {settings['val_rate']}).")
 
+    out = make_output_dir(args.output_dir, "--output-dir")  # before the work, not after
     probs = predict_probs(model, paths, device, args.batch_size, args.workers)
     result = Evaluation(class_names, paths, torch.tensor(labels), probs)
     cm = result.confusion
     metrics = metrics_dict(cm, class_names)
     print(format_table(metrics))
 
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     report = {"weights": str(weights_path), "data_path": str(data_path), "subset": subset,
               "seed": settings["seed"], "val_rate": settings["val_rate"], **metrics}
-    (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
-    write_metrics_csv(metrics, out / "metrics.csv")
-    write_misclassified(result, out / "misclassified.csv")
+    with writing(out):
+        (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_metrics_csv(metrics, out / "metrics.csv")
+        write_misclassified(result, out / "misclassified.csv")
     title = f"Confusion matrix, {subset} images"
     save_figure(plot_confusion_matrix(cm, class_names, title), out / "confusion_matrix.png")
     train_counts = [split.train_labels.count(i) for i in range(len(class_names))]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import sys
 import warnings
 from collections.abc import Callable
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from cli import add_weights_flags, run_main
-from errors import UserError
+from errors import UserError, WriteError, check_output_file, writing
 from my_dataset import MEAN, STD
 from predict import load_classifier, resolve_weights
 from vit_model import VisionTransformer
@@ -66,7 +67,12 @@ def export_torchscript(model: VisionTransformer, example: torch.Tensor, config: 
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.trace(model, example)
-        torch.jit.save(traced, str(output), _extra_files={"config.json": json.dumps(config)})
+        try:
+            torch.jit.save(traced, str(output), _extra_files={"config.json": json.dumps(config)})
+        except RuntimeError as err:  # PyTorch's file writer reports OS errors this way
+            reason = str(err).rsplit("strerror:", 1)[-1].strip() or "the write failed"
+            raise WriteError(f"Cannot write {output} ({reason}); check the folder and the free "
+                             f"space.") from None
         loaded = torch.jit.load(str(output), map_location="cpu")
     return lambda x: loaded(x)
 
@@ -81,7 +87,7 @@ def export_onnx(model: VisionTransformer, example: torch.Tensor, config: dict,
     import onnxruntime
 
     batch = torch.export.Dim("batch")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), writing(output):
         warnings.simplefilter("ignore", FutureWarning)
         torch.onnx.export(model, (example,), str(output), input_names=["images"],
                           output_names=["logits"], dynamic_shapes={"x": {0: batch}},
@@ -90,7 +96,8 @@ def export_onnx(model: VisionTransformer, example: torch.Tensor, config: dict,
     for key, value in config.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, json.dumps(value)
-    onnx.save(proto, str(output))
+    with writing(output):
+        onnx.save(proto, str(output))
     session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
@@ -111,6 +118,9 @@ def check_parity(model: nn.Module, exported: Callable[[torch.Tensor], torch.Tens
 def run(args: argparse.Namespace) -> int:
     if args.check_batch < 1:
         raise UserError("--check-batch must be at least 1.")
+    if not (math.isfinite(args.tolerance) and args.tolerance >= 0):
+        raise UserError(f"--tolerance must be a finite number of 0 or more, not {args.tolerance}.")
+    output = check_output_file(args.output, "--output")
     if args.format == "onnx":
         missing = missing_onnx_packages()
         if missing:
@@ -122,8 +132,8 @@ def run(args: argparse.Namespace) -> int:
     size = model.image_size
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(TRACE_BATCH, 3, size, size, generator=generator)
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    with writing(output.parent):
+        output.parent.mkdir(parents=True, exist_ok=True)
     config = export_config(model, class_names)
     if args.format == "torchscript":
         exported = export_torchscript(model, example, config, output)

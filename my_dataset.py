@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision import transforms
 
@@ -25,10 +25,16 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMG_EXTENSIONS and not path.name.startswith(".")
 
 
-def open_rgb(path: str | Path) -> Image.Image:
-    """Open any image as 8-bit RGB: grayscale, CMYK, palette, alpha and 16-bit are converted."""
+def open_rgb(path: str | Path, exif_transpose: bool = False) -> Image.Image:
+    """Open any image as 8-bit RGB: grayscale, CMYK, palette, alpha and 16-bit are converted.
+
+    With exif_transpose the pixels are turned as the EXIF Orientation tag says, so a phone
+    photo comes out upright as a viewer shows it; the reproduced repository did not do this.
+    """
     with Image.open(path) as img:
         img.load()
+        if exif_transpose:
+            img = ImageOps.exif_transpose(img)
         return to_rgb(img)
 
 
@@ -113,18 +119,19 @@ class MyDataSet(Dataset):
     """Images and their class indices, read as RGB (the reproduced repository's name)."""
 
     def __init__(self, images_path: Sequence[str | Path], images_class: Sequence[int],
-                 transform: Callable | None = None) -> None:
+                 transform: Callable | None = None, exif_transpose: bool = False) -> None:
         if len(images_path) != len(images_class):
             raise ValueError("images_path and images_class differ in length.")
         self.images_path = [str(p) for p in images_path]
         self.images_class = list(images_class)
         self.transform = transform
+        self.exif_transpose = exif_transpose  # see open_rgb; off as in the reproduced repository
 
     def __len__(self) -> int:
         return len(self.images_path)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        img = open_rgb(self.images_path[index])
+        img = open_rgb(self.images_path[index], self.exif_transpose)
         if self.transform is not None:
             img = self.transform(img)
         return img, self.images_class[index]

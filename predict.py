@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from checkpoints import CLASS_INDICES_FILE, find_checkpoint
 from cli import DEFAULT_MODEL, add_device_flag, add_weights_flags, run_main
-from errors import UserError
+from errors import UserError, check_output_file
 from my_dataset import (
     IMG_EXTENSIONS_HINT,
     MyDataSet,
@@ -65,7 +65,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "topk); notices go to stderr")
     parser.add_argument("--save-fig", default=None, metavar="PATH",
                         help="save the image with its prediction as the title; a grid of up "
-                             f"to {MAX_GRID} for several images")
+                             f"to {MAX_GRID} for several images ({', '.join(FIGURE_SUFFIXES)})")
     parser.add_argument("--attention", default=None, metavar="PATH",
                         help="save each image beside its attention rollout and the last "
                              "block's class-token attention: a .png for one image, else a "
@@ -132,6 +132,8 @@ def resolve_weights(path: str | None) -> Path:
             raise UserError("No checkpoint in ./weights; train one (python train.py, or "
                             "python train.py --demo) or pass --weights.")
         return found
+    if not path:  # Path('') is the current folder
+        raise UserError("--weights is empty; name a weights file or Hugging Face folder.")
     if not Path(path).exists():
         raise UserError(f"Weights file {path} does not exist.")
     return Path(path)
@@ -159,6 +161,8 @@ def load_classifier(weights_path: Path, class_indices: str | None = None,
 def _class_names_for(weights_path: Path, class_indices: str | None) -> list[str]:
     """--class-indices, else class_indices.json beside the weights (in a Hugging Face folder),
     else in the current folder."""
+    if class_indices and not Path(class_indices).is_file():
+        raise UserError(f"--class-indices {class_indices} is not a file.")
     beside = weights_path if weights_path.is_dir() else weights_path.parent
     candidates = ([Path(class_indices)] if class_indices
                   else [beside / CLASS_INDICES_FILE, Path(CLASS_INDICES_FILE)])
@@ -174,8 +178,9 @@ def image_loader(model: VisionTransformer, paths: list[Path], batch_size: int = 
     """Batches of images with the report's evaluation transform (Resize, CenterCrop)."""
     if workers is None:
         workers = 0 if len(paths) <= batch_size else min(4, os.cpu_count() or 1)
+    # A photo is shown upright by its EXIF orientation; the model sees it the same way.
     dataset = MyDataSet(paths, [0] * len(paths),
-                        build_transforms(model.image_size, train=False))
+                        build_transforms(model.image_size, train=False), exif_transpose=True)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
 
 
@@ -273,7 +278,8 @@ def prediction_figure(paths: list[Path], probs: torch.Tensor, class_names: list[
     best = probs.argmax(dim=1).tolist()
     if len(paths) == 1:
         title = f"class: {class_names[best[0]]}   prob: {probs[0, best[0]]:.3f}"
-        return plot_prediction_grid([open_rgb(paths[0])], [title], columns=1, cell=5.0)
+        return plot_prediction_grid([open_rgb(paths[0], exif_transpose=True)], [title],
+                                    columns=1, cell=5.0)
     shown = paths[:MAX_GRID]
     titles, colours = [], []
     for path, b, row in zip(shown, best, probs, strict=False):
@@ -282,7 +288,17 @@ def prediction_figure(paths: list[Path], probs: torch.Tensor, class_names: list[
         folder = path.parent.name
         colours.append("black" if folder not in class_names
                        else "green" if folder == class_names[b] else "red")
-    return plot_prediction_grid([open_rgb(p) for p in shown], titles, colours, columns=4)
+    return plot_prediction_grid([open_rgb(p, exif_transpose=True) for p in shown], titles,
+                                colours, columns=4)
+
+
+def check_figure_path(target: str, flag: str) -> Path:
+    """A file to save a figure in, with a suffix matplotlib writes; checked before any work."""
+    path = check_output_file(target, flag)
+    if path.suffix.lower() not in FIGURE_SUFFIXES:
+        raise UserError(f"{flag} {target} needs one of the suffixes {', '.join(FIGURE_SUFFIXES)}"
+                        f" (e.g. {path.with_suffix('.png')}).")
+    return path
 
 
 def figure_outputs(target: str, paths: list[Path], flag: str = "--attention",
@@ -294,7 +310,10 @@ def figure_outputs(target: str, paths: list[Path], flag: str = "--attention",
         if len(paths) > 1:
             raise UserError(f"{flag} {target} names one file but {len(paths)} images were "
                             f"given; pass a folder instead.")
-        return [target_path]
+        return [check_output_file(target_path, "--attention")]
+    if target_path.exists() and not target_path.is_dir():
+        raise UserError(f"--attention {target} is a file; for {len(paths)} images pass a "
+                        f"folder (or a {', '.join(FIGURE_SUFFIXES)} file for one image).")
     outputs, used = [], set()
     for path in paths:
         name = f"{path.stem}.{kind}.png"
@@ -315,6 +334,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--batch-size must be at least 1.")
     if args.topk is not None and args.topk < 1:
         raise UserError("--topk must be at least 1.")
+    if args.workers is not None and args.workers < 0:
+        raise UserError("--workers must be 0 or more.")
+    if args.save_fig:
+        check_figure_path(args.save_fig, "--save-fig")
     paths, unreadable = collect_images(args.images)
     if not paths:
         if len(unreadable) == 1:
@@ -347,9 +370,9 @@ def run(args: argparse.Namespace) -> int:
 
         fig = prediction_figure(paths, probs, class_names)
         if args.save_fig:
-            save_figure(fig, args.save_fig)
+            written = save_figure(fig, args.save_fig)
             more = f" (the first {MAX_GRID} of {len(paths)})" if len(paths) > MAX_GRID else ""
-            print(f"Figure saved to {args.save_fig}{more}", file=notices)
+            print(f"Figure saved to {written}{more}", file=notices)
         if args.show:
             show(fig)
     if attention_paths:

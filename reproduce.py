@@ -26,6 +26,7 @@ It checks that the pipeline works; its numbers mean nothing for ViT-B/16 on flow
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ import train
 from checkpoints import BEST_FILE, epoch_file, read_progress
 from cli import run_main
 from demo_data import make_demo_flowers
-from errors import ProjectError, UserError
+from errors import ProjectError, UserError, check_output_file, writing
 
 
 @dataclass(frozen=True)
@@ -197,9 +198,10 @@ def results_markdown(results: list[Result], args: argparse.Namespace, pretrained
 
 
 def run_all(args: argparse.Namespace, extra: list[str], command: str) -> int:
-    if args.epochs_scale <= 0:
-        raise UserError("--epochs-scale must be positive.")
+    if not (math.isfinite(args.epochs_scale) and args.epochs_scale > 0):
+        raise UserError(f"--epochs-scale must be a positive number, not {args.epochs_scale}.")
     out = Path(args.out)
+    check_output_file(out / "results.md", "--out")  # before hours of training, not after
     if args.quick:
         args.data_path = args.data_path or str(train.DEMO_DATA)
         if not Path(args.data_path).is_dir():
@@ -219,7 +221,7 @@ def run_all(args: argparse.Namespace, extra: list[str], command: str) -> int:
             raise UserError(f"Data folder {args.data_path} does not exist: python download.py "
                             f"flowers, or pass --data-path (or --quick for synthetic data).")
         if not Path(args.weights).is_file():
-            raise UserError(f"Weights file {args.weights} for runs 1 and 2 does not exist: "
+            raise UserError(f"Weights file {args.weights} for runs 1 and 2 is not a file: "
                             f"python download.py weights, or pass --weights.")
         common, pretrained = [], args.weights
 
@@ -239,7 +241,8 @@ def run_all(args: argparse.Namespace, extra: list[str], command: str) -> int:
     title = "Quick mode (synthetic data, not comparable)" if args.quick else "flower_photos"
     save_figure(plot_curves(curves, references, title=title), out / "val_acc.png")
     text = results_markdown(results, args, pretrained, command)
-    (out / "results.md").write_text(text)
+    with writing(out / "results.md"):
+        (out / "results.md").write_text(text)
     print(f"\n{text}\nWrote {out / 'results.md'} and {out / 'val_acc.png'}.")
     return 0
 

@@ -199,6 +199,9 @@ def add_recipe_options(parser: argparse.ArgumentParser) -> None:
     recipe.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                         help="random crops and flips for training (--no-augment: the "
                              "evaluation transform only)")
+    recipe.add_argument("--exif-transpose", action=argparse.BooleanOptionalAction, default=False,
+                        help="turn photos upright by their EXIF orientation, as predict.py and "
+                             "evaluate.py do (default: off, as the reproduced repository)")
 
 
 def given_options(argv: list[str] | None) -> set[str]:
@@ -559,6 +562,10 @@ def build_dataloaders(split: Split, args: argparse.Namespace, img_size: int, wor
     if use_device_data and not args.augment:
         log("note: --no-augment uses the CPU DataLoader; --device-data is off.")
         use_device_data = False
+    if use_device_data and args.exif_transpose:
+        # device_data decodes JPEG bytes as stored (and sizes them so): it would not turn them.
+        log("note: --exif-transpose uses the CPU DataLoader; --device-data is off.")
+        use_device_data = False
     if use_device_data:
         from device_data import DeviceEvalLoader, DeviceMemoryError, DeviceTrainLoader
 
@@ -577,8 +584,10 @@ def build_dataloaders(split: Split, args: argparse.Namespace, img_size: int, wor
         except DeviceMemoryError as err:
             log(f"note: {err} Falling back to the CPU DataLoader.")
     train_set = MyDataSet(split.train_images, split.train_labels,
-                          build_transforms(img_size, train=args.augment))
-    val_set = MyDataSet(split.val_images, split.val_labels, build_transforms(img_size, False))
+                          build_transforms(img_size, train=args.augment),
+                          exif_transpose=args.exif_transpose)
+    val_set = MyDataSet(split.val_images, split.val_labels, build_transforms(img_size, False),
+                        exif_transpose=args.exif_transpose)
     common = dict(num_workers=workers, pin_memory=device.type == "cuda",
                   persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
     train_sampler = ShardSampler(len(train_set), shuffle=True, seed=args.seed, dist_info=dist_info)

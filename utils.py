@@ -135,9 +135,19 @@ def read_class_indices(path: str | Path) -> list[str]:
     path = Path(path)
     try:
         mapping = json.loads(path.read_text())
-        return [mapping[str(i)] for i in range(len(mapping))]
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError) as err:
         raise UserError(f"{path} is not a readable class_indices.json ({err}).") from None
+    expected = 'a JSON object {"0": "daisy", "1": "dandelion", ...}'
+    if not isinstance(mapping, dict) or not mapping:
+        raise UserError(f"{path} holds {type(mapping).__name__} {str(mapping)[:40]}, not "
+                        f"{expected}.")
+    names = [mapping.get(str(i)) for i in range(len(mapping))]
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not name:
+            found = "no key" if name is None else f"{name!r}"
+            raise UserError(f"{path} has {found} for class \"{i}\"; it must be {expected}, "
+                            f"numbered from 0 without gaps, each a class name.")
+    return names
 
 
 def select_device(name: str) -> torch.device:

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from errors import writing
+
 if TYPE_CHECKING:  # matplotlib is imported where it is used; only the type is needed here
     from matplotlib.figure import Figure
 
@@ -139,8 +141,9 @@ def _figure(width: float, height: float) -> Figure:
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=dpi)
     return path
 
 

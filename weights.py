@@ -89,7 +89,10 @@ def read_weights(path: str | Path) -> Weights:
         raise WeightsError(f"Weights file {path} does not exist.")
     if path.stat().st_size == 0:
         raise WeightsError(f"Weights file {path} is empty; download it again.")
-    container = _sniff(path)
+    try:
+        container = _sniff(path)
+    except OSError as err:  # permissions, or a file that vanished or is a FIFO gone wrong
+        raise WeightsError(f"Weights file {path} cannot be read ({err.strerror or err}).") from None
     if container == "npz":
         tensors = _read_npz(path)
     elif container == "safetensors":
@@ -211,17 +214,8 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         data_start = 8 + header_len
         tensors = {}
         for name, info in header.items():
-            try:
-                dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-                shape = [int(s) for s in info["shape"]]
-                begin, end = (int(o) for o in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise _damaged(path, "safetensors file", f"bad header entry {name}") from None
-            if dtype is None:
-                raise WeightsError(f"{path}: tensor {name} has dtype {info['dtype']}, which this "
-                                   f"reader does not support.")
-            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            if begin < 0 or end - begin != nbytes or data_start + end > size:
+            dtype, shape, begin, nbytes = _safetensors_entry(path, name, info)
+            if data_start + begin + nbytes > size:
                 raise _damaged(path, "safetensors file", f"the data of {name} is missing")
             # One buffer per tensor: aligned for its dtype, and freed with it.
             buffer = bytearray(nbytes)
@@ -231,6 +225,31 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
             tensors[name] = (torch.frombuffer(buffer, dtype=dtype).reshape(shape) if nbytes
                              else torch.empty(shape, dtype=dtype))
     return tensors
+
+
+def _safetensors_entry(path: Path, name: str, info: object
+                       ) -> tuple[torch.dtype, list[int], int, int]:
+    """(dtype, shape, begin, nbytes) of one header entry, once they agree with each other."""
+    try:
+        dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    except (KeyError, TypeError):
+        raise _damaged(path, "safetensors file", f"bad header entry {name}") from None
+    numbers = [*shape, *offsets] if isinstance(shape, list) and isinstance(offsets, list) else []
+    if not numbers or len(offsets) != 2 or \
+            not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers):
+        raise _damaged(path, "safetensors file", f"tensor {name} has shape {shape} and offsets "
+                                                 f"{offsets}, not counts of 0 or more")
+    dtype = _SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+    if dtype is None:
+        raise WeightsError(f"{path}: tensor {name} has dtype {dtype_name}, which this reader "
+                           f"does not support.")
+    begin, end = offsets
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if end - begin != nbytes:
+        raise _damaged(path, "safetensors file", f"tensor {name} is {dtype_name} {shape}, "
+                                                 f"{nbytes} bytes, but its offsets span "
+                                                 f"{end - begin}")
+    return dtype, shape, begin, nbytes
 
 
 def _read_npz(path: Path) -> dict[str, torch.Tensor]:
@@ -754,7 +773,7 @@ def build_model_for(weights: Weights, model_name: str, fine_tune: dict | None = 
     if weights.complete_args:
         try:
             return VisionTransformer(**weights.model_args)
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, RuntimeError, ZeroDivisionError) as err:  # e.g. width -8
             raise WeightsError(f"The checkpoint's model_args do not build a model ({err}); "
                                f"they were changed after it was written.") from None
     implied = implied_model_args(weights)

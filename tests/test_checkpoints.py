@@ -207,3 +207,14 @@ def test_a_small_file_write_that_dies_halfway_leaves_the_old_file(tmp_path, monk
     monkeypatch.undo()
     assert target.read_bytes() == b'{"0": "daisy"}'
     assert [p.name for p in tmp_path.iterdir()] == ["class_indices.json"]
+
+
+def test_a_failed_cleanup_does_not_hide_the_write_error(tmp_path):
+    """The folder is a file: neither the checkpoint nor its temporary file can be made."""
+    from checkpoints import save_checkpoint
+    from errors import WriteError
+
+    (tmp_path / "file").write_text("keep me")
+    with pytest.raises(WriteError, match="Cannot write"):
+        save_checkpoint({"w": torch.zeros(1)}, tmp_path / "file" / "model-0.pth")
+    assert (tmp_path / "file").read_text() == "keep me"

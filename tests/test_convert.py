@@ -89,3 +89,16 @@ def test_errors_exit_2_with_one_line_and_write_nothing(tmp_path, capsys):
     assert convert.main([str(src), str(dst), "--model-name", "no_such_model"]) == 2
     assert "Unknown model 'no_such_model'" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.pth"]
+
+
+def test_a_destination_where_no_file_can_be_written(tmp_path, capsys):
+    src = tmp_path / "src.pth"
+    torch.save(random_ours(**TINY).state_dict(), src)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("keep me")
+    for dst in (tmp_path / "folder", tmp_path / "file" / "out.pth"):
+        assert convert.main([str(src), str(dst)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert not any((tmp_path / "folder").iterdir())
+    assert (tmp_path / "file").read_text() == "keep me"

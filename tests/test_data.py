@@ -490,3 +490,43 @@ def test_bmp_webp_gif_and_tif_images_are_found_by_the_split(tmp_path):
     found = sorted(p.name for p in split.train_images + split.val_images)
     assert found == sorted([f"{i}{s}" for i, s in enumerate(suffixes)] * 2)
     assert split.skipped == []
+
+
+def _phone_photo(path: Path, orientation: int) -> Image.Image:
+    """An upright picture (red on the left) stored turned, with the EXIF Orientation that
+    tells a viewer how to turn it back; returns the upright picture."""
+    upright = Image.new("RGB", (48, 32), (0, 0, 255))
+    upright.paste((255, 0, 0), (0, 0, 16, 32))
+    store = {6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}[orientation]
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    upright.transpose(store).save(path, quality=95, exif=exif)
+    return upright
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_open_rgb_turns_a_phone_photo_upright_only_when_asked(tmp_path, orientation):
+    photo = tmp_path / "phone.jpg"
+    upright = _phone_photo(photo, orientation)
+    turned = open_rgb(photo, exif_transpose=True)
+    assert turned.size == upright.size
+    pixels = np.asarray(turned, dtype=np.int16)
+    assert pixels[:, :12, 0].mean() > 200 and pixels[:, -12:, 0].mean() < 50  # red left
+    assert open_rgb(photo).size == (32, 48)  # the reproduced behaviour: as stored
+
+
+def test_dataset_keeps_the_stored_orientation_by_default(tmp_path):
+    photo = tmp_path / "phone.jpg"
+    _phone_photo(photo, 6)
+    to_tensor = transforms.ToTensor()
+    as_stored = MyDataSet([photo], [0], to_tensor)[0][0]
+    upright = MyDataSet([photo], [0], to_tensor, exif_transpose=True)[0][0]
+    assert as_stored.shape == (3, 48, 32) and upright.shape == (3, 32, 48)
+
+
+def test_train_exif_transpose_flag_defaults_to_the_reproduced_behaviour():
+    import train
+
+    parser = train.get_args_parser()
+    assert parser.parse_args([]).exif_transpose is False
+    assert parser.parse_args(["--exif-transpose"]).exif_transpose is True

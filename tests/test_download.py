@@ -488,3 +488,36 @@ def test_connection_refused_is_a_clear_error(
     assert err.startswith(f"error: Could not reach {closed_port_url}") and err.count("\n") == 1
     assert "Traceback" not in err
     assert leftovers(dest) == []
+
+
+# --- hostile destinations ----------------------------------------------------------------------
+
+
+def test_a_failed_cleanup_does_not_hide_the_write_error(tmp_path: Path) -> None:
+    """The destination's folder is a file: the temporary file cannot be made, nor removed."""
+    from errors import WriteError
+
+    (tmp_path / "file").write_text("keep me")
+    with pytest.raises(WriteError, match="Cannot write"):
+        download_file("file:///nonexistent", tmp_path / "file" / "x.pth", progress=False)
+    assert (tmp_path / "file").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("argv", [["flowers", "--dest", "{file}"],
+                                  ["weights", "--output", "{file}/x.pth"]])
+def test_cli_destination_under_a_file_is_one_error_line(tmp_path, capsys, argv) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    rc = main([a.format(file=blocker) for a in argv] + ["--url", "file:///nonexistent"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: Cannot write") and len(err.splitlines()) == 1
+    assert blocker.read_text() == "keep me"
+
+
+def test_an_existing_npz_output_that_is_not_an_archive_is_reported(tmp_path, capsys) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    rc = main(["weights", "--format", "npz", "--output", str(notes),
+               "--url", "file:///nonexistent"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not a .npz archive" in err and notes.read_text() == "keep me"

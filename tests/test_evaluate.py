@@ -346,3 +346,35 @@ def test_html_path_must_be_an_html_file(trained, tmp_path, capsys):
                                  tmp_path / "eval", "--html", tmp_path / "report.pdf"], capsys)
     assert rc == 2 and out == "" and err.startswith("error: --html") and "ending in .html" in err
     assert not (tmp_path / "eval").exists()
+
+
+def test_output_dir_that_is_a_file_is_refused_before_the_work(trained, tmp_path, capsys):
+    data, ckpt = trained
+    in_the_way = tmp_path / "evaluation"
+    in_the_way.write_text("keep me")
+    rc, out, err = run_evaluate(["--weights", ckpt, "--data-path", data, "--device", "cpu",
+                                 "--output-dir", in_the_way], capsys)
+    assert rc == 2 and err.startswith("error: --output-dir") and len(err.splitlines()) == 1
+    assert "accuracy" not in out and in_the_way.read_text() == "keep me"
+
+
+def test_negative_workers_is_bad_input(trained, tmp_path, capsys):
+    data, ckpt = trained
+    rc, _, err = run_evaluate(["--weights", ckpt, "--data-path", data, "--device", "cpu",
+                               "--workers", "-1", "--output-dir", tmp_path / "out"], capsys)
+    assert rc == 2 and err.startswith("error: --workers") and len(err.splitlines()) == 1
+
+
+def test_a_failed_write_is_one_error_line(trained, tmp_path, capsys, monkeypatch):
+    data, ckpt = trained
+    out_dir = tmp_path / "out"
+
+    def read_only(self, *args, **kwargs):  # root ignores chmod: fail the write here
+        raise PermissionError(30, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    rc, out, err = run_evaluate(["--weights", ckpt, "--data-path", data, "--device", "cpu",
+                                 "--output-dir", out_dir], capsys)
+    assert rc == 1 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: Cannot write {out_dir / 'metrics.json'} (Read-only")
+    assert "accuracy:" in out  # the numbers were printed before the write failed

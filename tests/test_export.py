@@ -84,3 +84,29 @@ def test_onnx_export_matches_pytorch(checkpoint, tmp_path, capsys):
     captured = capsys.readouterr()
     if "max abs diff 0.000e+00" not in captured.out:
         assert rc == 1 and captured.err.startswith("error: the export differs")
+
+
+@pytest.mark.parametrize("tolerance", ["-1", "nan", "inf"])
+def test_tolerance_out_of_range_is_bad_input(checkpoint, tmp_path, capsys, tolerance):
+    output = tmp_path / "vit.pt"
+    rc = export.main(["--weights", str(checkpoint), "--output", str(output),
+                      "--tolerance", tolerance])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: --tolerance") and len(err.splitlines()) == 1
+    assert not output.exists()
+
+
+@pytest.mark.parametrize("where", ["a folder", "under a file"])
+def test_output_where_no_file_can_be_written(checkpoint, tmp_path, capsys, where):
+    blocker = tmp_path / "blocker"
+    if where == "a folder":
+        blocker.mkdir()
+        output = blocker
+    else:
+        blocker.write_text("keep me")
+        output = blocker / "vit.pt"
+    rc = export.main(["--weights", str(checkpoint), "--output", str(output)])
+    captured = capsys.readouterr()
+    assert rc == 2 and captured.err.startswith("error: ") and len(captured.err.splitlines()) == 1
+    assert "Wrote" not in captured.out
+    assert blocker.is_dir() or blocker.read_text() == "keep me"

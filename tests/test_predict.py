@@ -603,3 +603,132 @@ def test_bad_grad_cam_flags_exit_2_with_one_line(trained, tmp_path, capsys, flag
     rc, _, err = run_predict([data / "roses" / "roses_0000.jpg", "--weights", ckpt,
                               "--device", "cpu", *flags], capsys)
     assert rc == 2 and "add --grad-cam PATH" in err
+
+
+# --------------------------------------------------------------------------- hostile inputs
+
+
+def one_error_line(rc: int, err: str, code: int = 2) -> str:
+    assert rc == code and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+@pytest.mark.parametrize("name", ["figure.txt", "figure", "a_folder"])
+def test_save_fig_needs_a_file_with_a_figure_suffix(trained, tmp_path, capsys, name):
+    data, ckpt = trained
+    (tmp_path / "a_folder").mkdir()
+    rc, _, err = run_predict([data / "roses" / "roses_0000.jpg", "--weights", ckpt,
+                              "--device", "cpu", "--save-fig", tmp_path / name], capsys)
+    one_error_line(rc, err)
+    assert ".png" in err or "is a folder" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_folder"]  # nothing written
+    assert not any((tmp_path / "a_folder").iterdir())
+
+
+def test_save_fig_prints_the_path_it_wrote(trained, tmp_path, capsys):
+    data, ckpt = trained
+    target = tmp_path / "new" / "Figure.PNG"
+    rc, out, _ = run_predict([data / "roses" / "roses_0000.jpg", "--weights", ckpt,
+                              "--device", "cpu", "--save-fig", target], capsys)
+    assert rc == 0 and target.is_file()
+    assert f"Figure saved to {target}\n" in out
+
+
+def test_attention_naming_an_existing_file_for_several_images(trained, tmp_path, capsys):
+    data, ckpt = trained
+    existing = tmp_path / "notes.txt"
+    existing.write_text("keep me")
+    rc, _, err = run_predict([data / "roses", "--weights", ckpt, "--device", "cpu",
+                              "--attention", existing], capsys)
+    assert "pass a folder" in one_error_line(rc, err)
+    assert existing.read_text() == "keep me"
+
+
+def test_negative_workers_is_bad_input(trained, capsys):
+    data, ckpt = trained
+    rc, _, err = run_predict([data / "roses", "--weights", ckpt, "--device", "cpu",
+                              "--workers", "-1"], capsys)
+    assert "--workers" in one_error_line(rc, err)
+
+
+def test_an_unreadable_weights_file_is_one_error_line(trained, tmp_path, capsys, monkeypatch):
+    data, ckpt = trained
+    locked = tmp_path / "locked.pth"
+    shutil.copy(ckpt, locked)
+    real_open = Path.open
+
+    def open_denied(self, *args, **kwargs):  # chmod 000 does not stop root: deny it here
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_denied)
+    rc, _, err = run_predict([data / "roses" / "roses_0000.jpg", "--weights", locked,
+                              "--device", "cpu"], capsys)
+    assert "Permission denied" in one_error_line(rc, err) and str(locked) in err
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("[\"daisy\", \"roses\"]", "holds list"),
+    ("5", "holds int"),
+    ("{\"0\": \"daisy\", \"2\": \"roses\"}", "no key for class \"1\""),
+    ("{\"0\": \"a\", \"1\": 2, \"2\": \"c\", \"3\": \"d\", \"4\": \"e\"}", "2 for class \"1\""),
+    ("{}", "holds dict"),
+])
+def test_class_indices_that_are_not_a_class_list(trained, tmp_path, capsys, content, needle):
+    data, ckpt = trained
+    bare = tmp_path / "bare.pth"
+    torch.save(torch.load(ckpt, weights_only=True)["model"], bare)  # names no classes
+    indices = tmp_path / "indices.json"
+    indices.write_text(content)
+    rc, out, err = run_predict([data / "roses" / "roses_0000.jpg", "--weights", bare,
+                                "--model-name", "vit_demo_patch8_64", "--class-indices", indices,
+                                "--device", "cpu"], capsys)
+    assert needle in one_error_line(rc, err) and out == ""
+
+
+def test_class_indices_that_does_not_exist_is_named(trained, tmp_path, capsys):
+    data, ckpt = trained
+    bare = tmp_path / "bare.pth"
+    torch.save(torch.load(ckpt, weights_only=True)["model"], bare)  # names no classes
+    rc, _, err = run_predict([data / "roses" / "roses_0000.jpg", "--weights", bare,
+                              "--model-name", "vit_demo_patch8_64",
+                              "--class-indices", tmp_path / "none.json", "--device", "cpu"],
+                             capsys)
+    assert "--class-indices" in one_error_line(rc, err)
+
+
+@pytest.mark.parametrize("tamper", [{"depth": "two"}, {"embed_dim": -8}, {"img_size": 0}])
+def test_checkpoint_with_tampered_model_arg_values(trained, tmp_path, capsys, tamper):
+    data, ckpt = trained
+    checkpoint = torch.load(ckpt, weights_only=True)
+    checkpoint["model_args"] = {**checkpoint["model_args"], **tamper}
+    tampered = tmp_path / "tampered.pth"
+    torch.save(checkpoint, tampered)
+    rc, _, err = run_predict([data / "roses" / "roses_0000.jpg", "--weights", tampered,
+                              "--device", "cpu"], capsys)
+    one_error_line(rc, err)
+
+
+@pytest.mark.parametrize("orientation, store, undo", [
+    (6, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270),
+    (8, Image.Transpose.ROTATE_270, Image.Transpose.ROTATE_90)])
+def test_predict_sees_a_phone_photo_upright(trained, tmp_path, orientation, store, undo):
+    """A JPEG whose EXIF says "rotate": the model's input is the upright picture."""
+    _, ckpt = trained
+    model, _ = predict.load_classifier(ckpt)
+    upright = Image.new("RGB", (96, 64), (0, 0, 255))
+    upright.paste((255, 0, 0), (0, 0, 32, 64))  # red on the left: asymmetric
+    stored = upright.transpose(store)  # as a phone's sensor wrote it
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # the Orientation tag
+    photo = tmp_path / "phone.jpg"
+    stored.save(photo, quality=95, exif=exif)
+
+    fed = next(iter(predict.image_loader(model, [photo], workers=0)))[0][0]
+    with Image.open(photo) as raw:  # the stored pixels, turned by hand as a viewer would
+        by_hand = raw.convert("RGB").transpose(undo)
+    expected = build_transforms(model.image_size, train=False)(by_hand)
+    torch.testing.assert_close(fed, expected)
+    left, right = fed[0, :, :8].mean(), fed[0, :, -8:].mean()  # red channel
+    assert left > 0.5 and right < -0.5  # upright: red on the left

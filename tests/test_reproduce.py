@@ -84,3 +84,21 @@ def test_full_mode_without_weights_exits_2(quick_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: Weights file") and "download.py" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("scale", ["nan", "inf", "0", "-1"])
+def test_epochs_scale_must_be_a_positive_number(tmp_path, capsys, scale):
+    rc = reproduce.main(["--quick", "--out", str(tmp_path / "out"), "--epochs-scale", scale])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: --epochs-scale") and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_that_is_a_file_is_refused(tmp_path, capsys):
+    in_the_way = tmp_path / "out"
+    in_the_way.write_text("keep me")
+    rc = reproduce.main(["--quick", "--out", str(in_the_way), "--data-path",
+                         str(tmp_path / "flowers")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{in_the_way} is a file" in err and len(err.splitlines()) == 1
+    assert in_the_way.read_text() == "keep me" and not (tmp_path / "flowers").exists()

@@ -668,3 +668,50 @@ def test_safetensors_reader_matches_the_library_for_every_dtype(tmp_path, dtype)
     assert mine["t"].shape == (4, 6)
     assert torch.equal(mine["t"].view(torch.uint8), library["t"].view(torch.uint8))
     assert torch.equal(mine["odd"], library["odd"])
+
+
+# ------------------------------------------------------------ hand-written safetensors headers
+
+SAFETENSORS_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
+                     "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def write_safetensors(path, entries: dict, data: bytes) -> None:
+    """The format by hand: header length (u64 little-endian), JSON header, data."""
+    import json
+
+    header = json.dumps(entries).encode()
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data)
+
+
+@pytest.mark.parametrize("dtype, size", SAFETENSORS_SIZES.items())
+def test_safetensors_offsets_that_disagree_with_shape_and_dtype(tmp_path, dtype, size):
+    good = tmp_path / "good.safetensors"
+    write_safetensors(good, {"t": {"dtype": dtype, "shape": [2, 3],
+                                   "data_offsets": [0, 6 * size]}}, bytes(6 * size))
+    assert tuple(read_safetensors(good)["t"].shape) == (2, 3)
+    for span in (6 * size - 1, 6 * size + 1, 6 * (size * 2 if size < 8 else size // 2)):
+        bad = tmp_path / f"bad{span}.safetensors"
+        write_safetensors(bad, {"t": {"dtype": dtype, "shape": [2, 3],
+                                      "data_offsets": [0, span]}}, bytes(64))
+        with pytest.raises(WeightsError, match=f"tensor t is {dtype} \\[2, 3\\], {6 * size} "
+                                               f"bytes, but its offsets span {span}"):
+            read_weights(bad)
+
+
+@pytest.mark.parametrize("shape, offsets", [
+    ([-1, -4], [0, 16]),         # a product that is positive
+    ([0, -5], [0, 0]),           # a product of zero
+    ([10 ** 12, 10 ** 12], [0, 4 * 10 ** 24]),  # absurd, and offsets that agree
+    ([2.5, 2], [0, 20]),
+    ([True, 4], [0, 16]),
+    ("4", [0, 16]),
+    ([4], [16, 0]),
+    ([4], [0]),
+])
+def test_safetensors_header_with_impossible_shape_or_offsets(tmp_path, shape, offsets):
+    path = tmp_path / "bad.safetensors"
+    write_safetensors(path, {"t": {"dtype": "F32", "shape": shape, "data_offsets": offsets}},
+                      bytes(64))
+    with pytest.raises(WeightsError, match="not a readable safetensors file"):
+        read_weights(path)
