@@ -39,6 +39,7 @@ from errors import DownloadError, check_output_file, write_error
 FLOWERS_URL = (
     "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
 )
+FLOWERS_DIR = "flower_photos"  # the folder the archive unpacks to
 # The published archive: 3670 JPEGs in five class folders (plus a LICENSE.txt).
 FLOWER_CLASS_COUNTS = {
     "daisy": 633,
@@ -299,7 +300,7 @@ def download_flowers(
     leaves the deletion to the user. On any failure nothing new is left in ``dest``.
     """
     dest = Path(dest)
-    root = dest / "flower_photos"
+    root = dest / FLOWERS_DIR
     if root.exists():
         check_flowers(root, expected)
         return root
@@ -307,7 +308,7 @@ def download_flowers(
     tmp = Path(tempfile.mkdtemp(prefix=".flower_photos-", dir=dest))
     try:
         safe_extract_tar(archive, tmp)
-        extracted = tmp / "flower_photos"
+        extracted = tmp / FLOWERS_DIR
         if not extracted.is_dir():
             raise DownloadError(
                 f"The archive from {url} has no flower_photos folder; check the URL."
@@ -396,7 +397,7 @@ def run(args: argparse.Namespace) -> int:
     progress = sys.stderr.isatty()  # keep logs free of progress-bar redraws
     if args.command == "flowers":
         check_output_file(args.dest / "flower_photos.tgz", "--dest")
-        existed = (args.dest / "flower_photos").exists()
+        existed = (args.dest / FLOWERS_DIR).exists()
         root = download_flowers(args.dest, args.url, progress=progress)
         counts = check_flowers(root)
         state = "already present" if existed else "ready"

@@ -32,9 +32,10 @@ import torch
 
 from checkpoints import read_train_args
 from cli import add_device_flag, add_weights_flags, run_main
+from download import FLOWERS_DIR
 from errors import UserError, make_output_dir, writing
 from predict import load_classifier, predict_probs, resolve_weights
-from utils import read_split_data, select_device
+from utils import DEFAULT_SEED, DEFAULT_VAL_RATE, read_split_data, select_device
 from visualize import (
     confusion_matrix,
     misclassified_indices,
@@ -44,7 +45,9 @@ from visualize import (
     save_figure,
 )
 
-TRAIN_DEFAULTS = {"data_path": "./flower_photos", "seed": 0, "val_rate": 0.2}
+# What train.py uses when a checkpoint does not say.
+TRAIN_DEFAULTS = {"data_path": f"./{FLOWERS_DIR}", "seed": DEFAULT_SEED,
+                  "val_rate": DEFAULT_VAL_RATE}
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -51,10 +51,12 @@ from cli import add_device_flag, add_model_name_flag, run_main
 from cuda_graphs import CudaGraphModel, use_cuda_graphs
 from demo_data import make_demo_flowers
 from distributed import Distributed, ShardSampler, barrier, init_distributed, shut_down
-from download import WEIGHTS_FILE
+from download import FLOWERS_DIR, WEIGHTS_FILE
 from errors import ProjectError, UserError, WeightsError, WriteError
 from my_dataset import MyDataSet, build_transforms, unnormalize
 from utils import (
+    DEFAULT_SEED,
+    DEFAULT_VAL_RATE,
     EpochStats,
     FeatureCache,
     Split,
@@ -71,7 +73,7 @@ from vit_model import VisionTransformer, create_model
 from weights import build_model_for, fit_state_dict, read_weights
 
 DEFAULT_WEIGHTS = f"./{WEIGHTS_FILE}"
-DEMO_DATA = Path("demo_data") / "flower_photos"
+DEMO_DATA = Path("demo_data") / FLOWERS_DIR
 # What --demo changes, unless the flag is given: a model and schedule that learn the
 # synthetic flowers from scratch in about a minute on two CPU cores.
 DEMO_SETTINGS = dict(data_path=str(DEMO_DATA), model_name="vit_demo_patch8_64", weights="",
@@ -99,7 +101,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lrf", type=float, default=0.01,
                         help="final learning rate as a fraction of --lr (cosine schedule; "
                              "default: %(default)s)")
-    parser.add_argument("--data-path", default="./flower_photos",
+    parser.add_argument("--data-path", default=f"./{FLOWERS_DIR}",
                         help="folder with one sub-folder of images per class "
                              "(default: %(default)s)")
     add_model_name_flag(parser, "architecture")
@@ -123,10 +125,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--img-size", type=int, default=None,
                         help="input size in pixels (default: the model's, 224); pretrained "
                              "position embeddings are resampled to fit")
-    parser.add_argument("--val-rate", type=float, default=0.2,
+    parser.add_argument("--val-rate", type=float, default=DEFAULT_VAL_RATE,
                         help="fraction of each class held out for validation (default: "
                              "%(default)s)")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
                         help="seed of the split and the run (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=None,
                         help="data loader processes (default: the cores this process may use, "
@@ -351,7 +353,7 @@ def fetch_missing(args: argparse.Namespace, log=print) -> None:
 
     data = Path(args.data_path)
     if not data.exists():
-        if data.name != "flower_photos":
+        if data.name != FLOWERS_DIR:
             raise UserError(f"--download fetches flower_photos; {data} names another folder.")
         data.parent.mkdir(parents=True, exist_ok=True)
         log(f"Downloading flower_photos to {data} ...")

@@ -32,6 +32,10 @@ from errors import NonFiniteLossError, UserError
 from grad_cam import GradCAM, center_crop_img, show_cam_on_image  # noqa: F401
 from my_dataset import IMG_EXTENSIONS_HINT, check_image, is_image_file
 
+# The reproduced split: random.seed(0), a fifth of each class for validation.
+DEFAULT_VAL_RATE = 0.2
+DEFAULT_SEED = 0
+
 
 @dataclass
 class Split:
@@ -76,7 +80,7 @@ def list_folder(folder: Path) -> list[Path]:
                         f"permissions.") from None
 
 
-def read_split_data(root: str | Path, val_rate: float = 0.2, seed: int = 0,
+def read_split_data(root: str | Path, val_rate: float = DEFAULT_VAL_RATE, seed: int = DEFAULT_SEED,
                     verify: bool = True, warn=print) -> Split:
     """Per class: files sorted, int(n * val_rate) drawn for validation with a seeded generator.
 
