@@ -194,3 +194,43 @@ def test_train_py_grad_checkpointing_runs(demo_flowers, tmp_path):
                              "--grad-checkpointing")
     assert code == 0, err
     assert (tmp_path / "weights" / "model-0.pth").is_file()
+
+
+# --------------------------------------------------------------------------- benchmark.py
+
+def test_benchmark_cache_row_builds_the_three_frozen_no_augment_runs(tmp_path):
+    import benchmark
+
+    args = benchmark.get_args_parser().parse_args(
+        ["--device", "cpu", "--no-model", "--e2e-cache", "--e2e-model", "vit_tiny_patch16_224",
+         "--e2e-batch-sizes", "8,32", "--workers", "2"])
+    benchmark.fill_defaults(args, torch.device("cpu"))
+    assert benchmark.e2e_batch_sizes(args) == [8, 32]
+    parsed = [train.get_args_parser().parse_args(
+        benchmark.train_py_argv(args, torch.device("cpu"), tmp_path, tmp_path, True, extra))
+        for extra in benchmark.CACHE_ROW_VARIANTS]
+    for one in parsed:
+        assert one.freeze_layers and not one.augment and one.amp is False
+        assert one.model_name == "vit_tiny_patch16_224" and one.workers == 2
+    assert [(p.frozen_batch, p.cache_train_features) for p in parsed] == [
+        (0, False), (None, False), (None, True)]
+
+
+def test_benchmark_variants_for_one_mode():
+    import benchmark
+
+    text = "--no-cuda-graphs; frozen:--no-cuda-graphs --frozen-batch 256;unfrozen:--compile"
+    assert benchmark.e2e_variants(text, "frozen") == [
+        ("--no-cuda-graphs",), ("--no-cuda-graphs", "--frozen-batch", "256")]
+    assert benchmark.e2e_variants(text, "unfrozen") == [("--no-cuda-graphs",), ("--compile",)]
+    assert benchmark.e2e_variants("--device cuda:0", "frozen") == [("--device", "cuda:0")]
+
+
+def test_training_flops_come_from_flops_py():
+    import benchmark
+    from flops import build_on_meta, stage_table
+
+    forward = stage_table(build_on_meta("vit_base_patch16_224", num_classes=5), (224, 224))[-1][2]
+    assert 17.5e9 < forward < 17.6e9  # ViT-B/16's 17.56 G multiply-adds
+    assert benchmark.training_flops_per_image("vit_base_patch16_224", False) == 6 * forward
+    assert benchmark.training_flops_per_image("vit_base_patch16_224", True) == 2 * forward
