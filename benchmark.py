@@ -990,10 +990,11 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
                 else Path(stack.enter_context(tempfile.TemporaryDirectory())) / "train.log")
             log.parent.mkdir(parents=True, exist_ok=True)
             log.write_text("")
-            print(f"\nEnd to end ({args.e2e_model}, batch {args.e2e_batch_size}, "
-                  f"{args.e2e_epochs} epochs, {args.workers} workers, {args.dtype}; speed-up = "
-                  f"reference seconds / these; train.py output in {log}):", flush=True)
             if args.e2e:
+                print(f"\nEnd to end ({args.e2e_model}, batch "
+                      f"{','.join(map(str, e2e_batch_sizes(args)))}, {args.e2e_epochs} epochs, "
+                      f"{args.workers} workers, {args.dtype}; speed-up = reference seconds / "
+                      f"these; train.py output in {log}):", flush=True)
                 section("e2e", lambda: e2e_section(args, device, dtype, root, log, notes))
             if args.e2e_cache:
                 print(f"\nFrozen, --no-augment ({args.e2e_model}, {args.e2e_epochs} epochs; "
