@@ -184,13 +184,16 @@ def plan_frozen_head(args: argparse.Namespace, model: VisionTransformer, device:
                      log: Callable[[str], None] = print) -> FrozenHeadTraining | None:
     """The frozen-backbone path --frozen-batch and --cache-train-features ask for, or None
     for the per-batch loop. Asked for by name and not possible: one note says why."""
-    asked = args.frozen_batch is not None or args.cache_train_features
+    asked = [flag for flag, given in (("--frozen-batch", args.frozen_batch is not None),
+                                      ("--cache-train-features", args.cache_train_features))
+             if given]
     if args.frozen_batch == 0 and not args.cache_train_features:
         return None
     reason = why_per_batch(args, model, dist_info, cuda_graphs)
     if reason is not None:
         if asked:
-            log(f"note: --frozen-batch and --cache-train-features are off: {reason}.")
+            log(f"note: {' and '.join(asked)} {'is' if len(asked) == 1 else 'are'} off: "
+                f"{reason}.")
         return None
     pass_images = args.frozen_batch or DEFAULT_FROZEN_IMAGES
     cache = None
