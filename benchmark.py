@@ -736,6 +736,39 @@ def cache_section(args: argparse.Namespace, device: torch.device, dtype: torch.d
     return rows
 
 
+# --------------------------------------------------------------------------- frozen batch
+
+def backbone_batch_section(args: argparse.Namespace, device: torch.device,
+                           dtype: torch.dtype | None) -> list[dict]:
+    """The frozen backbone's no-grad forward pass (train.py's class tokens) at each of
+    --backbone-batches: what --frozen-batch chooses between. Images per CPU-second beside
+    images/s: on a shared CPU the load moves the second far more than the first."""
+    from utils import class_tokens
+
+    model = create_model(args.model_name, num_classes=5).to(device).eval()
+    size = model.image_size
+    rows = []
+    for batch in [int(b) for b in args.backbone_batches.split(",") if b.strip()]:
+        x = torch.randn(batch, 3, size, size, device=device)
+        with torch.no_grad(), autocast(device, dtype):
+            class_tokens(model, x)  # warm-up
+            sync(device)
+            images, wall, cpu = 0, time.perf_counter(), time.process_time()
+            while images < max(batch, args.backbone_images):
+                class_tokens(model, x)
+                images += batch
+            sync(device)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        rows.append({"batch": batch, "images": images, "img_s": images / wall,
+                     "img_per_cpu_s": images / cpu})
+        print(f"  batch {batch}: {images / wall:,.2f} img/s", flush=True)
+    free_memory(device)
+    print(format_table(["batch", "images", "img/s", "img per CPU-s"],
+                       [[r["batch"], r["images"], r["img_s"], r["img_per_cpu_s"]]
+                        for r in rows]))
+    return rows
+
+
 # --------------------------------------------------------------------------- memory
 
 MEMORY_MODELS = ("vit_base_patch16_224", "vit_large_patch16_224")
@@ -896,6 +929,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--memory", action="store_true",
                         help="peak GPU memory of unfrozen training steps with and without "
                              "--grad-checkpointing, ViT-B/16 and ViT-L/16 (CUDA only)")
+    parser.add_argument("--backbone-batches", default=None, metavar="B,B",
+                        help="time the frozen backbone's forward pass (--model-name) at these "
+                             "batches, as --frozen-batch would run it")
+    parser.add_argument("--backbone-images", type=int, default=128,
+                        help="images timed per batch size of --backbone-batches")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's peak TFLOP/s for MFU (default: known for H100, "
                              "H200 and A100 at bf16; else MFU is left out)")
@@ -980,6 +1018,10 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
             print(f"\nStep anatomy ({args.model_name}, SGD, batch {args.batch_size}, "
                   f"{args.dtype}):", flush=True)
             section("profile", lambda: profile_section(args, device, dtype))
+        if args.backbone_batches:
+            print(f"\nFrozen backbone, forward pass by batch ({args.model_name}, "
+                  f"{args.dtype}):", flush=True)
+            section("backbone_batches", lambda: backbone_batch_section(args, device, dtype))
         if args.data:
             print(f"\nData ({args.img_size} px, one training epoch over the stand-in's "
                   f"training split):", flush=True)

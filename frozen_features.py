@@ -30,9 +30,10 @@ from distributed import Distributed
 from utils import EpochStats, StepSettings, class_tokens, head_of, train_one_epoch
 from vit_model import DropPath, VisionTransformer
 
-# Images per backbone pass when --frozen-batch is not given. Measured on two CPU cores
-# (BENCHMARKS.md, "Frozen backbone, grouped"): 64 to 256 all run the backbone 1.3-1.4x
-# faster than batch 8; larger groups only hold more memory.
+# Images per backbone pass when --frozen-batch is not given: the fastest of 8, 32, 128 and
+# 256 for ViT-Ti/16's no-grad forward pass on two CPU cores (BENCHMARKS.md, "Frozen backbone,
+# grouped"; 2.4x batch 8's images per CPU-second). Not measured on a GPU, where CUDA graphs
+# take precedence (why_per_batch).
 DEFAULT_FROZEN_IMAGES = 128
 # Keep cached features on the GPU only while they take at most this share of its free memory.
 DEVICE_SHARE = 0.25

@@ -234,3 +234,20 @@ def test_training_flops_come_from_flops_py():
     assert 17.5e9 < forward < 17.6e9  # ViT-B/16's 17.56 G multiply-adds
     assert benchmark.training_flops_per_image("vit_base_patch16_224", False) == 6 * forward
     assert benchmark.training_flops_per_image("vit_base_patch16_224", True) == 2 * forward
+
+
+def test_benchmark_backbone_batches_section(tmp_path):
+    import json
+
+    import benchmark
+
+    out = tmp_path / "bench.json"
+    with contextlib.redirect_stdout(io.StringIO()):
+        status = benchmark.main(["--device", "cpu", "--no-model", "--model-name",
+                                 "vit_demo_patch8_64", "--backbone-batches", "2,4",
+                                 "--backbone-images", "4", "--memory", "--json", str(out)])
+    results = json.loads(out.read_text())
+    assert status == 0
+    assert [(r["batch"], r["images"]) for r in results["backbone_batches"]] == [(2, 4), (4, 4)]
+    assert all(r["img_s"] > 0 and r["img_per_cpu_s"] > 0 for r in results["backbone_batches"])
+    assert results["memory"] == [] and any("needs CUDA" in n for n in results["notes"])
