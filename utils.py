@@ -330,12 +330,11 @@ class FeatureCache:
                  num_classes: int | None = None) -> EpochStats:
         """evaluate() of the plain VisionTransformer, from the kept features when there are."""
         model.eval()
+        head = head_of(model)
         if self.batches is not None:
-            head = head_of(model)
             return _validate(self.batches, lambda tokens, labels: head(tokens), device, epoch,
                              amp_dtype, dist_info, num_classes)
         computed = []
-        head = head_of(model)
 
         def features_then_head(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             tokens = class_tokens(model, images)
