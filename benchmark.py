@@ -622,6 +622,18 @@ def run_train_py(args: argparse.Namespace, device: torch.device, root: Path, fro
             "train_img_s": metrics.get("images_per_sec")}
 
 
+def e2e_variants(text: str, mode: str) -> list[tuple[str, ...]]:
+    """--e2e-variants' flag sets for `mode`: ';'-separated, each for both modes or, written
+    'frozen:FLAGS' or 'unfrozen:FLAGS', for that mode only."""
+    variants = []
+    for entry in text.split(";"):
+        only, _, flags = entry.strip().partition(":") if entry.strip().startswith(
+            ("frozen:", "unfrozen:")) else ("", "", entry)
+        if flags.strip() and only in ("", mode):
+            variants.append(tuple(flags.split()))
+    return variants
+
+
 def e2e_section(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None,
                 root: Path, log: Path, notes: list[str]) -> list[dict]:
     try:
@@ -631,51 +643,231 @@ def e2e_section(args: argparse.Namespace, device: torch.device, dtype: torch.dty
         have_timm = False
     else:
         have_timm = True
-    # The plain train.py run first, then one per --e2e-variants flag set.
-    variants = [()] + [tuple(v.split()) for v in args.e2e_variants.split(";") if v.strip()]
     rows = []
-    for frozen in [m == "frozen" for m in args.e2e_modes.split(",") if m.strip()]:
-        mode = "frozen" if frozen else "unfrozen"
-        runs = []
-        if have_timm:
-            runs.append(("reference: ImageFolder + timm",
-                         lambda f=frozen: run_loop(args, device, dtype, root, f, "reference")))
-        for variant in variants:
-            runs.append((" ".join(("train.py", *variant)),
-                         lambda f=frozen, v=variant: run_train_py(args, device, root, f, log,
-                                                                  notes, v)))
-        if args.e2e_projection:
-            runs.append(("DeviceImageLoader + ours (loop here)",
-                         lambda f=frozen: run_loop(args, device, dtype, root, f,
-                                                   "projection")))
-        for name, run in runs:
-            print(f"  {mode}: {name} ...", flush=True)
-            try:
-                result = run()
-            except Exception as err:  # one failed run must not lose the others
-                traceback.print_exc()
-                notes.append(f"{mode} {name} failed: {type(err).__name__}: {err}")
-                result = {"seconds": math.nan, "val_acc": None, "ok": False}
-                free_memory(device)
-            rows.append({"mode": mode, "pipeline": name, "epochs": args.e2e_epochs,
-                         "seconds": result["seconds"],
-                         "s_per_epoch": result["seconds"] / args.e2e_epochs,
-                         "val_acc": result["val_acc"], "ok": result["ok"],
-                         "train_img_s": result.get("train_img_s"),
-                         **({"argv": result["argv"]} if "argv" in result else {})})
-            # Each result as it comes: a run cut short by a time limit keeps the earlier ones.
-            print(f"  {mode}: {name}: {result['seconds']:.1f} s", flush=True)
+    for batch in e2e_batch_sizes(args):
+        batch_args = argparse.Namespace(**{**vars(args), "e2e_batch_size": batch})
+        for mode in [m.strip() for m in args.e2e_modes.split(",") if m.strip()]:
+            rows += e2e_runs(batch_args, device, dtype, root, log, notes, mode, have_timm)
     for row in rows:
-        reference = next((r for r in rows if r["mode"] == row["mode"]
+        reference = next((r for r in rows if (r["mode"], r["batch"]) == (row["mode"], row["batch"])
                           and r["pipeline"].startswith("reference")), None)
         row["speedup_vs_reference"] = (reference["seconds"] / row["seconds"]
                                        if reference else None)
-    print(format_table(["mode", "pipeline", "epochs", "total s", "s/epoch", "speed-up",
-                        "val acc", "last epoch train img/s"],
-                       [[r["mode"], r["pipeline"], r["epochs"], r["seconds"], r["s_per_epoch"],
-                         r["speedup_vs_reference"], r["val_acc"], r["train_img_s"]]
+    add_mfu(rows, args, device, dtype, notes)
+    print_e2e_table(rows)
+    return rows
+
+
+def e2e_batch_sizes(args: argparse.Namespace) -> list[int]:
+    if not args.e2e_batch_sizes:
+        return [args.e2e_batch_size]
+    return [int(b) for b in args.e2e_batch_sizes.split(",") if b.strip()]
+
+
+def e2e_runs(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None,
+             root: Path, log: Path, notes: list[str], mode: str, have_timm: bool,
+             variants: list[tuple[str, ...]] | None = None) -> list[dict]:
+    """One mode's runs at args.e2e_batch_size: the reference, train.py plain and with each
+    of --e2e-variants' flag sets, then the projection; given variants, those train.py runs
+    alone."""
+    frozen = mode == "frozen"
+    alone = variants is not None
+    if not alone:  # the plain train.py run first, then one per variant
+        variants = [()] + e2e_variants(args.e2e_variants, mode)
+    runs = []
+    if have_timm and not alone:
+        runs.append(("reference: ImageFolder + timm",
+                     lambda: run_loop(args, device, dtype, root, frozen, "reference")))
+    for variant in variants:
+        runs.append((" ".join(("train.py", *variant)),
+                     lambda v=variant: run_train_py(args, device, root, frozen, log, notes, v)))
+    if args.e2e_projection and not alone:
+        runs.append(("DeviceImageLoader + ours (loop here)",
+                     lambda: run_loop(args, device, dtype, root, frozen, "projection")))
+    rows = []
+    for name, run in runs:
+        print(f"  {mode}, batch {args.e2e_batch_size}: {name} ...", flush=True)
+        try:
+            result = run()
+        except Exception as err:  # one failed run must not lose the others
+            traceback.print_exc()
+            notes.append(f"{mode} {name} failed: {type(err).__name__}: {err}")
+            result = {"seconds": math.nan, "val_acc": None, "ok": False}
+            free_memory(device)
+        rows.append({"mode": mode, "batch": args.e2e_batch_size, "pipeline": name,
+                     "epochs": args.e2e_epochs, "seconds": result["seconds"],
+                     "s_per_epoch": result["seconds"] / args.e2e_epochs,
+                     "val_acc": result["val_acc"], "ok": result["ok"],
+                     "train_img_s": result.get("train_img_s"),
+                     **({"argv": result["argv"]} if "argv" in result else {})})
+        # Each result as it comes: a run cut short by a time limit keeps the earlier ones.
+        print(f"  {mode}, batch {args.e2e_batch_size}: {name}: {result['seconds']:.1f} s",
+              flush=True)
+    return rows
+
+
+def print_e2e_table(rows: list[dict]) -> None:
+    print(format_table(["mode", "batch", "pipeline", "epochs", "total s", "s/epoch",
+                        "speed-up", "val acc", "last epoch train img/s", "MFU"],
+                       [[r["mode"], r["batch"], r["pipeline"], r["epochs"], r["seconds"],
+                         r["s_per_epoch"], r["speedup_vs_reference"], r["val_acc"],
+                         r["train_img_s"], r.get("mfu")] for r in rows]))
+
+
+# The CPU row of issue 10: a frozen run without augmentation, one backbone pass per batch
+# (train.py's loop before --frozen-batch), grouped, and from cached training features.
+CACHE_ROW_VARIANTS = (("--no-augment", "--frozen-batch", "0"), ("--no-augment",),
+                      ("--no-augment", "--cache-train-features"))
+
+
+def cache_section(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None,
+                  root: Path, log: Path, notes: list[str]) -> list[dict]:
+    """CACHE_ROW_VARIANTS' frozen train.py runs; speed-up against the per-batch one."""
+    rows = []
+    for batch in e2e_batch_sizes(args):
+        batch_args = argparse.Namespace(**{**vars(args), "e2e_batch_size": batch})
+        runs = e2e_runs(batch_args, device, dtype, root, log, notes, "frozen", False,
+                        list(CACHE_ROW_VARIANTS))
+        for row in runs:
+            row["speedup_vs_reference"] = runs[0]["seconds"] / row["seconds"]
+        rows += runs
+    add_mfu(rows, args, device, dtype, notes)
+    print_e2e_table(rows)
+    return rows
+
+
+# --------------------------------------------------------------------------- frozen batch
+
+def backbone_batch_section(args: argparse.Namespace, device: torch.device,
+                           dtype: torch.dtype | None) -> list[dict]:
+    """The frozen backbone's no-grad forward pass (train.py's class tokens) at each of
+    --backbone-batches: what --frozen-batch chooses between. Images per CPU-second beside
+    images/s: on a shared CPU the load moves the second far more than the first."""
+    from utils import class_tokens
+
+    model = create_model(args.model_name, num_classes=5).to(device).eval()
+    size = model.image_size
+    rows = []
+    for batch in [int(b) for b in args.backbone_batches.split(",") if b.strip()]:
+        x = torch.randn(batch, 3, size, size, device=device)
+        with torch.no_grad(), autocast(device, dtype):
+            class_tokens(model, x)  # warm-up
+            sync(device)
+            images, wall, cpu = 0, time.perf_counter(), time.process_time()
+            while images < max(batch, args.backbone_images):
+                class_tokens(model, x)
+                images += batch
+            sync(device)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        rows.append({"batch": batch, "images": images, "img_s": images / wall,
+                     "img_per_cpu_s": images / cpu})
+        print(f"  batch {batch}: {images / wall:,.2f} img/s", flush=True)
+    free_memory(device)
+    print(format_table(["batch", "images", "img/s", "img per CPU-s"],
+                       [[r["batch"], r["images"], r["img_s"], r["img_per_cpu_s"]]
                         for r in rows]))
     return rows
+
+
+# --------------------------------------------------------------------------- memory
+
+MEMORY_MODELS = ("vit_base_patch16_224", "vit_large_patch16_224")
+
+
+def memory_section(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None,
+                   notes: list[str]) -> list[dict]:
+    """Peak memory and speed of unfrozen SGD steps, with and without gradient checkpointing."""
+    if device.type != "cuda":
+        notes.append("the memory section needs CUDA (its allocator counts the peak); skipped.")
+        return []
+    rows = []
+    for model_name in MEMORY_MODELS:
+        for batch in e2e_batch_sizes(args):
+            for checkpointing in (False, True):
+                print(f"  {model_name}, batch {batch}, checkpointing {checkpointing} ...",
+                      flush=True)
+                rows.append({"model": model_name, "batch": batch,
+                             "grad_checkpointing": checkpointing,
+                             **memory_row(model_name, batch, checkpointing, args, device,
+                                          dtype)})
+                free_memory(device)
+    print(format_table(["model", "batch", "grad checkpointing", "peak GiB", "train img/s"],
+                       [[r["model"], r["batch"], "on" if r["grad_checkpointing"] else "off",
+                         r["peak_gib"], r["img_s"]] for r in rows]))
+    return rows
+
+
+def memory_row(model_name: str, batch: int, checkpointing: bool, args: argparse.Namespace,
+               device: torch.device, dtype: torch.dtype | None) -> dict:
+    model = create_model(model_name, num_classes=5).to(device).train()
+    model.set_grad_checkpointing(checkpointing)
+    size = model.image_size
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 5, (batch,), device=device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> None:
+        with autocast(device, dtype):
+            loss = loss_fn(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step()  # the momentum buffers exist from here on, as in a run
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    seconds = time_loop(step, device, 1, args.steps, 1)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    return {"peak_gib": peak, "img_s": batch / seconds}  # its tensors go when it returns
+
+
+# --------------------------------------------------------------------------- MFU
+
+# Dense bfloat16 tensor-core peaks, FLOP/s, as the vendor's data sheets give them (SXM).
+PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
+
+
+def training_flops_per_image(model_name: str, frozen: bool) -> float:
+    """FLOPs of one training image, counting a multiply-add as 2 (as peak FLOP/s do).
+
+    flops.py counts multiply-adds (fvcore's convention). Unfrozen, a step costs the forward
+    pass and a backward pass of about twice that: 3x. Frozen, the backward pass stops at the
+    head, so the forward pass is nearly all of it: 1x.
+    """
+    from flops import build_on_meta, stage_table
+
+    model = build_on_meta(model_name, num_classes=5)
+    side = model.image_size
+    multiply_adds = stage_table(model, (side, side))[-1][2]
+    return 2 * multiply_adds * (1 if frozen else 3)
+
+
+def peak_flops(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None
+               ) -> float | None:
+    if args.peak_tflops:
+        return args.peak_tflops * 1e12
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def add_mfu(rows: list[dict], args: argparse.Namespace, device: torch.device,
+            dtype: torch.dtype | None, notes: list[str]) -> None:
+    """Model FLOP utilisation of train.py's training phase (its last epoch's images/s)."""
+    peak = peak_flops(args, device, dtype)
+    if peak is None:
+        notes.append(f"MFU is left out: no peak FLOP/s is known for {device_name(device)} at "
+                     f"{args.dtype} (give one with --peak-tflops).")
+    for row in rows:
+        row["mfu"] = None
+        # With cached features the training phase runs no backbone: no FLOPs to credit.
+        if peak is None or not row.get("train_img_s") or "--cache-train-features" in row[
+                "pipeline"]:
+            continue
+        flops = training_flops_per_image(args.e2e_model, row["mode"] == "frozen")
+        row["mfu"] = row["train_img_s"] * flops / peak
 
 
 # --------------------------------------------------------------------------- main
@@ -716,6 +908,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--e2e-epochs", type=int, default=10)
     parser.add_argument("--e2e-batch-size", type=int, default=32,
                         help="batch of the e2e runs and of --data")
+    parser.add_argument("--e2e-batch-sizes", default=None, metavar="B,B",
+                        help="comma-separated batches of the e2e runs, each a full set "
+                             "(default: --e2e-batch-size)")
     parser.add_argument("--e2e-modes", default="frozen,unfrozen",
                         help="comma-separated subset of frozen,unfrozen")
     parser.add_argument("--e2e-scale", type=float, default=1.0,
@@ -726,7 +921,22 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="pass --compile to train.py")
     parser.add_argument("--e2e-variants", default="",
                         help="';'-separated sets of extra train.py flags, one more train.py "
-                             "run each; give it with '=': --e2e-variants='--no-cuda-graphs'")
+                             "run each; 'frozen:FLAGS' or 'unfrozen:FLAGS' for one mode only; "
+                             "give it with '=': --e2e-variants='--no-cuda-graphs'")
+    parser.add_argument("--e2e-cache", action="store_true",
+                        help="the CPU row: frozen train.py runs with --no-augment, one "
+                             "backbone pass per batch, grouped, and --cache-train-features")
+    parser.add_argument("--memory", action="store_true",
+                        help="peak GPU memory of unfrozen training steps with and without "
+                             "--grad-checkpointing, ViT-B/16 and ViT-L/16 (CUDA only)")
+    parser.add_argument("--backbone-batches", default=None, metavar="B,B",
+                        help="time the frozen backbone's forward pass (--model-name) at these "
+                             "batches, as --frozen-batch would run it")
+    parser.add_argument("--backbone-images", type=int, default=128,
+                        help="images timed per batch size of --backbone-batches")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's peak TFLOP/s for MFU (default: known for H100, "
+                             "H200 and A100 at bf16; else MFU is left out)")
     parser.add_argument("--e2e-projection", action="store_true",
                         help="also run device_data's loaders + our model in the benchmark's loop")
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
@@ -782,7 +992,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
 
     with contextlib.ExitStack() as stack:
         root = None
-        if args.data or args.e2e:
+        if args.data or args.e2e or args.e2e_cache:
             if args.standin:
                 root = Path(args.standin)
             else:
@@ -808,27 +1018,41 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
             print(f"\nStep anatomy ({args.model_name}, SGD, batch {args.batch_size}, "
                   f"{args.dtype}):", flush=True)
             section("profile", lambda: profile_section(args, device, dtype))
+        if args.backbone_batches:
+            print(f"\nFrozen backbone, forward pass by batch ({args.model_name}, "
+                  f"{args.dtype}):", flush=True)
+            section("backbone_batches", lambda: backbone_batch_section(args, device, dtype))
         if args.data:
             print(f"\nData ({args.img_size} px, one training epoch over the stand-in's "
                   f"training split):", flush=True)
             section("data", lambda: data_section(args, device, root))
-        if args.e2e:
+        if args.e2e or args.e2e_cache:
             log = Path(args.train_log) if args.train_log else (
                 Path(args.json).with_suffix(".train.log") if args.json
                 else Path(stack.enter_context(tempfile.TemporaryDirectory())) / "train.log")
             log.parent.mkdir(parents=True, exist_ok=True)
             log.write_text("")
-            print(f"\nEnd to end ({args.e2e_model}, batch {args.e2e_batch_size}, "
-                  f"{args.e2e_epochs} epochs, {args.workers} workers, {args.dtype}; speed-up = "
-                  f"reference seconds / these; train.py output in {log}):", flush=True)
-            section("e2e", lambda: e2e_section(args, device, dtype, root, log, notes))
+            if args.e2e:
+                print(f"\nEnd to end ({args.e2e_model}, batch "
+                      f"{','.join(map(str, e2e_batch_sizes(args)))}, {args.e2e_epochs} epochs, "
+                      f"{args.workers} workers, {args.dtype}; speed-up = reference seconds / "
+                      f"these; train.py output in {log}):", flush=True)
+                section("e2e", lambda: e2e_section(args, device, dtype, root, log, notes))
+            if args.e2e_cache:
+                print(f"\nFrozen, --no-augment ({args.e2e_model}, {args.e2e_epochs} epochs; "
+                      f"speed-up = the per-batch run's seconds / these):", flush=True)
+                section("cache", lambda: cache_section(args, device, dtype, root, log, notes))
+        if args.memory:
+            print(f"\nPeak memory, unfrozen SGD steps, {args.dtype}:", flush=True)
+            section("memory", lambda: memory_section(args, device, dtype, notes))
     results["notes"] = notes = list(dict.fromkeys(notes))  # each once
     for note in notes:
         print(f"note: {note}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
         print(f"Results written to {args.json}")
-    failed = failed or not all(r.get("ok", True) for r in results.get("e2e", []))
+    failed = failed or not all(r.get("ok", True)
+                               for r in results.get("e2e", []) + results.get("cache", []))
     return 1 if failed else 0
 
 

@@ -53,6 +53,7 @@ from demo_data import make_demo_flowers
 from distributed import Distributed, ShardSampler, barrier, init_distributed, shut_down
 from download import FLOWERS_DIR, WEIGHTS_FILE
 from errors import ProjectError, UserError, WeightsError, WriteError
+from frozen_features import DEFAULT_FROZEN_IMAGES, FrozenHeadTraining, plan_frozen_head
 from my_dataset import MyDataSet, build_transforms, unnormalize
 from utils import (
     DEFAULT_SEED,
@@ -166,6 +167,29 @@ def add_speed_options(parser: argparse.ArgumentParser) -> None:
     speed.add_argument("--cache-val-features", action=argparse.BooleanOptionalAction,
                        default=True, help="with a frozen backbone, compute the validation "
                                           "features once and run only the head afterwards")
+    speed.add_argument("--frozen-batch", type=non_negative_int, default=None, metavar="N",
+                       help="with a frozen backbone, run it over N images' worth of training "
+                            "batches at once, then take the head's steps in --batch-size "
+                            "batches (the same updates); 0: one backbone pass per batch "
+                            f"(default: {DEFAULT_FROZEN_IMAGES} where it applies; CUDA graphs "
+                            "take precedence on the GPU)")
+    speed.add_argument("--cache-train-features", action=argparse.BooleanOptionalAction,
+                       default=False,
+                       help="with a frozen backbone and --no-augment, compute the training "
+                            "features once and train only the head on them every epoch. "
+                            "Needs --no-augment, which changes the report's recipe (no random "
+                            "crops or flips)")
+    speed.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction,
+                       default=False,
+                       help="recompute each block's activations in the backward pass: less "
+                            "memory for about one more forward pass per step")
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -240,6 +264,7 @@ def train(args: argparse.Namespace) -> int:
         progress = start_or_resume(args, resume, optimisation)
         del resume  # its tensors are in the model and the optimizer now; free the copies
         wrappers = wrap_for_training(model, args, setup, optimisation.settings)
+        wrappers.frozen_head = choose_training_paths(args, model, setup, wrappers)
         outputs = RunOutputs(args, split, progress.log_dir) if setup.dist_info.is_main else None
         return run_epochs(args, setup, split, wrappers, (train_loader, val_loader),
                           optimisation, progress, outputs)
@@ -698,6 +723,7 @@ class Wrappers:
     model_for_training: nn.Module  # with CUDA graphs, DDP and torch.compile as switched on
     model_for_eval: nn.Module      # compiled with --compile, else the plain model
     ddp: nn.Module | None          # the DistributedDataParallel wrapper under torchrun
+    frozen_head: FrozenHeadTraining | None = None  # --frozen-batch, --cache-train-features
 
 
 def wrap_for_training(model: VisionTransformer, args: argparse.Namespace, setup: Setup,
@@ -720,7 +746,30 @@ def wrap_for_training(model: VisionTransformer, args: argparse.Namespace, setup:
     return Wrappers(model, model_for_training, compiled, ddp)
 
 
+def choose_training_paths(args: argparse.Namespace, model: VisionTransformer, setup: Setup,
+                          wrappers: Wrappers) -> FrozenHeadTraining | None:
+    """--grad-checkpointing, and the frozen-backbone path (frozen_features.py) or None."""
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+        if args.freeze_layers:
+            setup.log("note: --grad-checkpointing saves nothing with a frozen backbone: no "
+                      "activations are kept for its backward pass.")
+    cuda_graphs = isinstance(wrappers.model_for_training, CudaGraphModel)
+    return plan_frozen_head(args, model, setup.device, setup.dist_info, cuda_graphs, setup.log)
+
+
 # --------------------------------------------------------------------------- the epochs
+
+def train_epoch(wrappers: Wrappers, optimizer: torch.optim.Optimizer, loader,
+                device: torch.device, epoch: int, settings: StepSettings,
+                dist_info: Distributed) -> EpochStats:
+    """The training pass: the frozen-backbone path where it was chosen, else per batch."""
+    if wrappers.frozen_head is not None:
+        return wrappers.frozen_head.train_one_epoch(optimizer, loader, device, epoch,
+                                                    settings, dist_info)
+    return train_one_epoch(wrappers.model_for_training, optimizer, loader, device, epoch,
+                           settings, dist_info)
+
 
 def train_and_validate(epoch: int, setup: Setup, wrappers: Wrappers, loaders: tuple,
                        optimisation: Optimisation, feature_cache: FeatureCache | None,
@@ -734,9 +783,8 @@ def train_and_validate(epoch: int, setup: Setup, wrappers: Wrappers, loaders: tu
     # join() lets ranks whose share is one batch shorter finish the epoch cleanly.
     uneven = wrappers.ddp.join() if wrappers.ddp is not None else contextlib.nullcontext()
     with uneven:
-        train_stats = train_one_epoch(wrappers.model_for_training, optimisation.optimizer,
-                                      train_loader, device, epoch, optimisation.settings,
-                                      dist_info)
+        train_stats = train_epoch(wrappers, optimisation.optimizer, train_loader, device,
+                                  epoch, optimisation.settings, dist_info)
     optimisation.scheduler.step()
     amp_dtype = optimisation.settings.amp_dtype
     if feature_cache is not None:

@@ -330,6 +330,17 @@ def evaluate(model: nn.Module, data_loader, device: torch.device, epoch: int,
                      amp_dtype, dist_info, num_classes)
 
 
+def class_tokens(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """What a frozen backbone hands the head: the final LayerNorm's class token, (B, D)."""
+    return model.forward_features(images)[:, 0]
+
+
+def head_of(model: nn.Module) -> nn.Module:
+    """The part that trains under --freeze-layers, class token -> logits: pre-logits, head.
+    Shares the model's parameters."""
+    return nn.Sequential(model.pre_logits, model.head)
+
+
 class FeatureCache:
     """Validation of a model whose backbone does not train (--freeze-layers).
 
@@ -347,15 +358,16 @@ class FeatureCache:
                  num_classes: int | None = None) -> EpochStats:
         """evaluate() of the plain VisionTransformer, from the kept features when there are."""
         model.eval()
+        head = head_of(model)
         if self.batches is not None:
-            return _validate(self.batches, lambda tokens, labels: model.head(
-                model.pre_logits(tokens)), device, epoch, amp_dtype, dist_info, num_classes)
+            return _validate(self.batches, lambda tokens, labels: head(tokens), device, epoch,
+                             amp_dtype, dist_info, num_classes)
         computed = []
 
         def features_then_head(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            tokens = model.forward_features(images)[:, 0]  # (B, D): the class token
+            tokens = class_tokens(model, images)
             computed.append((tokens, labels))
-            return model.head(model.pre_logits(tokens))
+            return head(tokens)
 
         stats = _validate(data_loader, features_then_head, device, epoch, amp_dtype,
                           dist_info, num_classes)

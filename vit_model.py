@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class PatchEmbed(nn.Module):
@@ -227,6 +228,7 @@ class VisionTransformer(nn.Module):
             self.num_features = embed_dim
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
+        self.grad_checkpointing = False  # set_grad_checkpointing(True) to save memory
         self.init_weights()
 
     @torch.no_grad()
@@ -273,9 +275,22 @@ class VisionTransformer(nn.Module):
         x = torch.cat((cls_token, x), dim=1)                    # (B, 1 + N, C)
         return self.pos_drop(x + self.pos_embed)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them
+        (timm's name): less memory for about one more forward pass per training step."""
+        self.grad_checkpointing = enable
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Embed and encode; returns the LayerNormed tokens (Eq. 4's LN), (B, 1 + N, C)."""
-        return self.norm(self.blocks(self.embed(x)))
+        x = self.embed(x)
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            for block in self.blocks:
+                # Non-reentrant: works with inputs that need no grad, and restores the RNG
+                # state so drop-path draws the same masks when the block is recomputed.
+                x = checkpoint(block, x, use_reentrant=False)
+        else:
+            x = self.blocks(x)
+        return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Class token -> optional pre-logits -> head. pre_logits=True stops before the head."""
