@@ -959,12 +959,8 @@ def fill_defaults(args: argparse.Namespace, device: torch.device) -> None:
             setattr(args, name, value)
 
 
-def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but CUDA is not available; pass --device cpu.")
-    fill_defaults(args, device)
-    dtype = {"bf16": torch.bfloat16, "fp32": None}[args.dtype]
+def run_header(args: argparse.Namespace, device: torch.device, argv: list[str] | None) -> dict:
+    """What the numbers were measured on and with; printed first, kept in the JSON."""
     command = "python benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
     header = {"device": device_name(device), **versions(), "dtype": args.dtype,
               "batch_size": args.batch_size, "infer_batch_size": args.infer_batch_size,
@@ -973,7 +969,32 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
               "command": command}
     print(" | ".join(f"{k} {v}" for k, v in header.items() if k != "command"))
     print(command)
-    results: dict = {"header": header, "notes": []}
+    return header
+
+
+def prepare_standin(args: argparse.Namespace, stack: contextlib.ExitStack, results: dict) -> Path:
+    """The JPEG stand-in for flower_photos: in --standin, else a temporary folder."""
+    if args.standin:
+        root = Path(args.standin)
+    else:
+        root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="standin-")))
+    start = time.perf_counter()
+    make_standin(root, args.e2e_scale, workers=os.cpu_count())
+    files = sorted(root.glob("*/*.jpg"))
+    kib = sum(p.stat().st_size for p in files) / max(len(files), 1) / 1024
+    print(f"\nStand-in: {len(files)} JPEGs in {root}, {kib:.1f} KiB on average "
+          f"({time.perf_counter() - start:.1f} s)")
+    results["standin"] = {"images": len(files), "mean_kib": kib, "path": str(root)}
+    return root
+
+
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but CUDA is not available; pass --device cpu.")
+    fill_defaults(args, device)
+    dtype = {"bf16": torch.bfloat16, "fp32": None}[args.dtype]
+    results: dict = {"header": run_header(args, device, argv), "notes": []}
     notes: list[str] = results["notes"]
     failed = False
 
@@ -993,17 +1014,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         root = None
         if args.data or args.e2e or args.e2e_cache:
-            if args.standin:
-                root = Path(args.standin)
-            else:
-                root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="standin-")))
-            start = time.perf_counter()
-            make_standin(root, args.e2e_scale, workers=os.cpu_count())
-            files = sorted(root.glob("*/*.jpg"))
-            kib = sum(p.stat().st_size for p in files) / max(len(files), 1) / 1024
-            print(f"\nStand-in: {len(files)} JPEGs in {root}, {kib:.1f} KiB on average "
-                  f"({time.perf_counter() - start:.1f} s)")
-            results["standin"] = {"images": len(files), "mean_kib": kib, "path": str(root)}
+            root = prepare_standin(args, stack, results)
         if device.type == "cuda":
             # After the stand-in: its worker processes are forked without a CUDA context.
             torch.backends.cudnn.benchmark = True
