@@ -317,34 +317,42 @@ def lock_run_folder(folder: str | Path) -> Iterator[None]:
     """Hold folder for one training run; a second run into it is refused with a UserError.
 
     An flock on an open file: the kernel releases it when the process ends, however it ends,
-    so a crashed or killed run never leaves the folder locked. The file names the holder's pid.
+    so a crashed or killed run never leaves the folder locked. The file names the holder's pid
+    and is removed when the run ends.
     """
     import fcntl  # POSIX only; imported here so that reading checkpoints works everywhere
 
     path = Path(folder) / LOCK_FILE
-    try:
-        handle = open(path, "a+")  # "a+": the holder's pid stays readable until locked
-    except OSError as err:
-        raise _write_error(path, err) from None
-    with handle:
+    while True:
+        try:
+            handle = open(path, "a+")  # "a+": the holder's pid stays readable until locked
+        except OSError as err:
+            raise _write_error(path, err) from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
+            handle.close()
             raise UserError(f"{folder} is in use by another training run (pid {holder}); wait "
                             f"for it to finish or pass another --output-dir.") from None
-        try:
-            handle.truncate(0)
-            handle.write(f"{os.getpid()}\n")
-            handle.flush()
-        except OSError as err:
-            raise _write_error(path, err) from None
-        try:
-            yield
-        finally:  # removed while still held, so a folder a run has finished with looks untouched
-            with contextlib.suppress(OSError):
-                path.unlink()
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+        handle.close()  # a run that just ended removed the file we locked: lock the new one
+    try:
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+    except OSError as err:
+        handle.close()
+        raise _write_error(path, err) from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()  # while still locked, so no one locks a file that is going away
+        handle.close()
 
 
 def remove_temporary_files(folder: str | Path) -> list[Path]:

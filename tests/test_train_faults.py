@@ -196,30 +196,33 @@ def test_a_good_best_is_left_alone(data, tmp_path, capsys):
 
 # --------------------------------------------------------------------------- failed writes
 
-def fail_save_from(monkeypatch, call: int) -> None:
-    """torch.save raises a full disk's OSError from its `call`-th call on."""
+def fail_save_from(monkeypatch, call: int, error: int) -> None:
+    """torch.save raises OSError(error) from its `call`-th call on."""
     real_save, calls = torch.save, []
 
     def save(obj, path, *args, **kwargs):
         calls.append(path)
         if len(calls) >= call:
             Path(path).write_bytes(b"\0" * 100)  # a partial file, as a full disk leaves
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            raise OSError(error, os.strerror(error), str(path))
         return real_save(obj, path, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save)
 
 
-@pytest.mark.parametrize("epochs", [2, 4])  # the failure in the last epoch, or mid-run
-def test_a_failed_checkpoint_write_stops_the_run(data, tmp_path, capsys, monkeypatch, epochs):
+# In the last epoch or mid-run; a full disk, or a folder remounted read-only.
+@pytest.mark.parametrize(("epochs", "error"), [(2, errno.ENOSPC), (4, errno.ENOSPC),
+                                               (4, errno.EROFS)])
+def test_a_failed_checkpoint_write_stops_the_run(data, tmp_path, capsys, monkeypatch, epochs,
+                                                 error):
     # Calls 1 and 2 write epoch 0's model-0.pth and best.pth; call 3 is model-1.pth.
-    fail_save_from(monkeypatch, 3)
+    fail_save_from(monkeypatch, 3, error)
     code, _, err = run_train(capsys, args_for(data, tmp_path, "--epochs", str(epochs),
                                               "--no-freeze-layers"))
     out = tmp_path / "out"
     assert code == 1
     [line] = error_lines(err)
-    assert str(out / "model-1.pth") in line and "No space left on device" in line, line
+    assert str(out / "model-1.pth") in line and os.strerror(error) in line, line
     assert f"last good checkpoint is {out / 'model-0.pth'}" in line, line
     assert sorted(p.name for p in out.glob("*.pth")) == ["best.pth", "model-0.pth"]
     assert not list(out.glob(".*.tmp"))
@@ -272,6 +275,7 @@ def test_a_lock_file_left_by_a_dead_run_does_not_block(data, tmp_path, capsys):
     code, _, err = run_train(capsys, args_for(data, tmp_path))
     assert code == 0, err
     assert (out / "model-0.pth").is_file()
+    assert not (out / LOCK_FILE).exists()  # a run removes its lock file when it ends
 
 
 # --------------------------------------------------------------------------- resume
