@@ -453,22 +453,29 @@ def plain_state_dict(trained, tmp_path_factory) -> tuple[Path, Path]:
 
 
 def test_a_plain_state_dict_with_class_indices_and_model_name_works_in_every_command(
-        trained, plain_state_dict, tmp_path, capsys):
+        trained, plain_state_dict, tmp_path, capsys, monkeypatch):
     import evaluate
     import export
 
     data, ckpt = trained
     weights, indices = plain_state_dict
     image = data / "tulips" / "tulips_0002.jpg"
-    names = ["--class-indices", indices, "--model-name", "vit_demo_patch8_64"]
     _, from_checkpoint, _ = run_predict([image, "--weights", ckpt, "--device", "cpu"], capsys)
+    # Only --class-indices names the classes: no class_indices.json here nor beside the weights.
+    monkeypatch.chdir(tmp_path)
+    names = ["--class-indices", indices, "--model-name", "vit_demo_patch8_64"]
     rc, out, err = run_predict([image, "--weights", weights, *names, "--device", "cpu"], capsys)
     assert rc == 0, err
     assert out == from_checkpoint and "warning" not in err
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(tmp_path)  # no class_indices.json here nor beside the weights
-        rc, _, err = run_predict([image, "--weights", weights, "--model-name",
-                                  "vit_demo_patch8_64", "--device", "cpu"], capsys)
+    renamed = tmp_path / "renamed.json"  # the names printed are the file's
+    renamed.write_text(json.dumps({str(i): name.upper() for i, name in enumerate(CLASSES)}))
+    rc, out, _ = run_predict([image, "--weights", weights, "--class-indices", renamed,
+                              "--model-name", "vit_demo_patch8_64", "--device", "cpu"], capsys)
+    assert rc == 0
+    assert [name for name, _ in parse_classes(out)] == [name.upper() for name in CLASSES]
+    assert [p for _, p in parse_classes(out)] == [p for _, p in parse_classes(from_checkpoint)]
+    rc, _, err = run_predict([image, "--weights", weights, "--model-name",
+                              "vit_demo_patch8_64", "--device", "cpu"], capsys)
     assert rc == 2 and "--class-indices" in err  # nothing names the classes
 
     assert evaluate.main([str(a) for a in ["--weights", weights, *names, "--data-path", data,

@@ -381,14 +381,25 @@ def test_device_data_trains_on_the_cpu(demo_flowers, tmp_path, capsys):
     assert [e.step for e in events.Images("confusion_matrix")] == [0, 1]
 
 
-def test_frozen_backbone_cached_validation_matches_full_validation(demo_flowers, tmp_path):
+def test_frozen_backbone_cached_validation_matches_full_validation(demo_flowers, tmp_path,
+                                                                   monkeypatch):
     pretrained = tmp_path / "pretrained.pth"
     torch.save(create_model("vit_demo_patch8_64", num_classes=5).state_dict(), pretrained)
-    results = {}
+    from_cache = []  # per validation through the cache: were the features already kept?
+
+    class WatchedCache(train.FeatureCache):
+        def evaluate(self, *args, **kwargs):
+            from_cache.append(self.batches is not None)
+            return super().evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "FeatureCache", WatchedCache)
+    results, used = {}, {}
     for flag in ("--cache-val-features", "--no-cache-val-features"):
         out = tmp_path / flag
+        from_cache.clear()
         assert train.main(train_argv(demo_flowers, out, flag, weights=pretrained,
                                      freeze_layers=True, epochs=2, lr=0.1)) == 0
+        used[flag] = list(from_cache)
         results[flag] = [torch.load(out / "weights" / f"model-{e}.pth",
                                     weights_only=True)["metrics"] for e in (0, 1)]
     for cached, full in zip(results["--cache-val-features"], results["--no-cache-val-features"],
@@ -396,6 +407,8 @@ def test_frozen_backbone_cached_validation_matches_full_validation(demo_flowers,
         assert cached["val_acc"] == full["val_acc"]
         assert cached["val_loss"] == pytest.approx(full["val_loss"], rel=1e-5)
         assert cached["train_loss"] == pytest.approx(full["train_loss"], rel=1e-5)
+    # The frozen backbone's features are computed in epoch 0 and served in epoch 1.
+    assert used == {"--cache-val-features": [False, True], "--no-cache-val-features": []}
 
 
 def test_compile_saves_the_plain_module(demo_flowers, tmp_path):
