@@ -138,7 +138,8 @@ def run_facts(summary: dict, checkpoint: Checkpoint | None, model: VisionTransfo
              ("split", f"seed {summary['seed']}, validation rate {summary['val_rate']}")]
     if checkpoint is not None and checkpoint.epoch is not None:
         planned = checkpoint.args.get("epochs")
-        facts.append(("epochs trained", f"{checkpoint.epoch + 1}"
+        # best.pth is the best epoch's checkpoint, not the last one: say which epoch it holds
+        facts.append(("weights from epoch", f"{checkpoint.epoch + 1}"
                       + (f" of {planned}" if planned else "")))
     if checkpoint is not None and checkpoint.best_acc is not None:
         facts.append(("best validation accuracy in training", f"{checkpoint.best_acc:.4f}"))
