@@ -5,8 +5,9 @@ CudaGraphModel: which batches replay the graphs, and that training is unchanged.
 Capturing needs CUDA. On the CPU the capture function is replaced by one that records what
 it is given and runs the module eagerly, which tests the routing (training batches to the
 graphs, the short last batch padded; evaluation and no-grad calls eagerly) and the fallback
-when capturing fails. The CUDA tests (run on a GPU machine) compare real graphs with eager
-steps.
+when capturing fails, for the plain model and for a torch.compile'd one (--compile). The CUDA
+tests (run on a GPU machine) compare real graphs with eager steps, and train.py's compiled and
+graphed run with its graphed-only one.
 """
 
 from __future__ import annotations
