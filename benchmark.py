@@ -616,6 +616,10 @@ def run_train_py(args: argparse.Namespace, device: torch.device, root: Path, fro
     if status != 0:
         tail = captured.getvalue().strip().splitlines()[-3:]
         notes.append(f"train.py exited with {status}: {' | '.join(tail)}")
+    if "--compile" in argv:
+        # As a fresh process would: the next compiled run (another batch size) compiles for
+        # its own shape instead of inheriting this run's guards and turning dynamic.
+        torch._dynamo.reset()
     free_memory(device)
     return {"seconds": seconds, "val_acc": accuracy, "ok": status == 0,
             "argv": "python train.py " + " ".join(argv),

@@ -12,10 +12,11 @@ from distributed import Distributed
 
 
 def use_cuda_graphs(requested: bool | None, device: torch.device, dist_info: Distributed,
-                    compiled: bool, log: Callable[[str], None] = print) -> bool:
-    """Whether train.py replays CUDA graphs: where they work, one CUDA process and the model
-    not compiled. requested is --cuda-graphs (None: where they work); asked for by name and
-    not possible, a note says why."""
+                    log: Callable[[str], None] = print) -> bool:
+    """Whether train.py replays CUDA graphs: where they work, one CUDA process (with or
+    without --compile: the graphs are then captured around the compiled module).
+    requested is --cuda-graphs (None: where they work); asked for by name and not possible,
+    a note says why."""
     if requested is False:
         return False
     reason = None
@@ -23,8 +24,6 @@ def use_cuda_graphs(requested: bool | None, device: torch.device, dist_info: Dis
         reason = f"they need a CUDA device, and this run uses {device.type}"
     elif dist_info.enabled:
         reason = "DistributedDataParallel's gradient hooks cannot be captured"
-    elif compiled:
-        reason = "--compile is on (its mode='reduce-overhead' would capture instead)"
     if reason is None:
         return True
     if requested:
@@ -54,11 +53,21 @@ class CudaGraphModel(nn.Module):
     batch is padded with zero images to the captured size and its extra logits dropped:
     samples never interact in a ViT (no batch norm), so the padding changes no loss and no
     gradient, and no second set of activations is needed beside the graph's. Evaluation
-    and no-grad calls run the model eagerly on the same parameters. The loss, clipping and
+    and no-grad calls run the model itself, not a replay, on the same parameters. The
+    loss, clipping and
     optimiser step stay eager, so accumulation, gradient scaling and the learning-rate
     schedule work unchanged.
 
-    If capturing fails, a note is printed once and training goes on eagerly.
+    The model may be a torch.compile'd module (train.py's --compile): the capture then
+    records the compiler's fused kernels, compiled during make_graphed_callables' warm-up
+    passes, and a replay launches them all at once. This route rather than the compiler's
+    own graphs (mode="reduce-overhead") because our padding keeps every training batch at
+    one shape, where reduce-overhead would compile and capture again for the short last
+    batch; and because one capture mechanism then serves compiled and eager models alike,
+    with the same fallback, accumulation and autocast handling.
+
+    If capturing fails, a note is printed once and training goes on without graphs, with
+    the model as given: the compiled module where there is one, never a plain copy.
 
     Gradient accumulation (accumulate=True) needs one more step: a replayed backward hands
     out gradients that live in the graph's memory, and autograd keeps such a tensor as
@@ -97,7 +106,7 @@ class CudaGraphModel(nn.Module):
         except Exception as err:  # a model or torch build the graphs cannot take
             self.failed = True
             self.log(f"note: CUDA graphs could not be captured ({type(err).__name__}: "
-                     f"{str(err).splitlines()[0] if str(err) else ''}); training eagerly.")
+                     f"{str(err).splitlines()[0] if str(err) else ''}); training without them.")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if not (self.training and torch.is_grad_enabled()) or self.failed:

@@ -154,14 +154,15 @@ def add_speed_options(parser: argparse.ArgumentParser) -> None:
                        help="TF32 matmuls for the float32 parts on CUDA")
     speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                        help="torch.compile the model (pays off on long runs: compiling "
-                            "takes about a minute)")
+                            "takes about a minute); with CUDA graphs, the graphs are "
+                            "captured around the compiled model")
     speed.add_argument("--device-data", action=argparse.BooleanOptionalAction, default=None,
                        help="decode every image once on the GPU and augment there, instead of "
                             "decoding JPEGs on the CPU every epoch (default: on for CUDA)")
     speed.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                        help="replay each training step's forward and backward as CUDA graphs: "
                             "small batches stop waiting on Python's kernel launches (default: "
-                            "on for one CUDA process without --compile)")
+                            "on for one CUDA process, with or without --compile)")
     speed.add_argument("--val-batch-size", type=int, default=None,
                        help="validation batch (default: 2x --batch-size; no gradients to hold)")
     speed.add_argument("--cache-val-features", action=argparse.BooleanOptionalAction,
@@ -728,7 +729,9 @@ class Wrappers:
 
 def wrap_for_training(model: VisionTransformer, args: argparse.Namespace, setup: Setup,
                       settings: StepSettings) -> Wrappers:
-    """torch.compile, then DDP around it (as nanoGPT and torchvision), then CUDA graphs."""
+    """torch.compile, then DDP around it (as nanoGPT and torchvision), then CUDA graphs:
+    with --compile, CudaGraphModel captures the compiled module (cuda_graphs.py says why
+    this and not mode="reduce-overhead"). The plain model stays what is saved."""
     compiled = torch.compile(model) if args.compile else model
     model_for_training = compiled
     ddp = None
@@ -738,11 +741,14 @@ def wrap_for_training(model: VisionTransformer, args: argparse.Namespace, setup:
         device = setup.device
         ddp = model_for_training = DistributedDataParallel(
             compiled, device_ids=[device.index] if device.type == "cuda" else None)
-    if use_cuda_graphs(args.cuda_graphs, setup.device, setup.dist_info, args.compile,
-                       setup.log):
+    if use_cuda_graphs(args.cuda_graphs, setup.device, setup.dist_info, setup.log):
+        # Around the compiled module with --compile: if capturing fails, training goes on
+        # compiled, without graphs.
         model_for_training = CudaGraphModel(model_for_training, settings.amp_dtype,
                                             args.accum_steps > 1, log=setup.log)
-        setup.log("CUDA graphs: training steps replay one captured forward and backward.")
+        of_what = " of the compiled model" if args.compile else ""
+        setup.log(f"CUDA graphs: training steps replay one captured forward and "
+                  f"backward{of_what}.")
     return Wrappers(model, model_for_training, compiled, ddp)
 
 

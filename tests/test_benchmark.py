@@ -53,6 +53,26 @@ def test_train_py_argv_parses_as_asked(tmp_path):
     assert parsed.compile and parsed.device_data and parsed.amp is False and parsed.keep == 1
 
 
+def test_the_compiled_variant_runs_train_py_with_compile_and_cuda_graphs(tmp_path):
+    # BENCHMARKS.md's issue-10 command measures "unfrozen:--compile" beside the plain row
+    # (CUDA graphs only): both must leave the graphs on for one CUDA process.
+    from cuda_graphs import use_cuda_graphs
+    from distributed import Distributed
+
+    args = benchmark.get_args_parser().parse_args(
+        ["--device", "cuda", "--e2e-variants=frozen:--no-cuda-graphs;unfrozen:--compile"])
+    benchmark.fill_defaults(args, torch.device("cuda"))
+    variants = benchmark.e2e_variants(args.e2e_variants, "unfrozen")
+    assert variants == [("--compile",)]
+    for extra, compiled in (((), False), (variants[0], True)):
+        argv = benchmark.train_py_argv(args, torch.device("cuda"), tmp_path, tmp_path, False,
+                                       extra)
+        parsed = train.get_args_parser().parse_args(argv)
+        assert parsed.compile is compiled and not parsed.freeze_layers
+        assert use_cuda_graphs(parsed.cuda_graphs, torch.device("cuda"),
+                               Distributed(world_size=1), print)
+
+
 def test_benchmark_runs_every_section(tmp_path, capsys):
     out = tmp_path / "bench.json"
     status = benchmark.main([
