@@ -54,9 +54,8 @@ class CudaGraphModel(nn.Module):
     samples never interact in a ViT (no batch norm), so the padding changes no loss and no
     gradient, and no second set of activations is needed beside the graph's. Evaluation
     and no-grad calls run the model itself, not a replay, on the same parameters. The
-    loss, clipping and
-    optimiser step stay eager, so accumulation, gradient scaling and the learning-rate
-    schedule work unchanged.
+    loss, clipping and optimiser step stay eager, so accumulation, gradient scaling and the
+    learning-rate schedule work unchanged.
 
     The model may be a torch.compile'd module (train.py's --compile): the capture then
     records the compiler's fused kernels, compiled during make_graphed_callables' warm-up
