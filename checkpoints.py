@@ -21,15 +21,18 @@ import random
 import shutil
 import zipfile
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 from errors import UserError
 from errors import write_error as _write_error
+
+T = TypeVar("T")
 
 # Version 1: the keys of Checkpoint below. Raise it when a key changes meaning or goes away,
 # and teach from_dict to read the older versions.
@@ -206,9 +209,11 @@ class CheckpointWriter:
         self._last_save = self._pool.submit(write)
         self._pending.append(self._last_save)
 
-    def run(self, work: Callable[[], object]) -> None:
+    def run(self, work: Callable[[], T]) -> Future[T]:
         """Any other slow output (a TensorBoard figure), on the same thread, in order."""
-        self._pending.append(self._pool.submit(work))
+        future = self._pool.submit(work)
+        self._pending.append(future)
+        return future
 
     def _raise_failures(self) -> None:
         """Raise the error of a finished job, and of the previous save, finished or not: it

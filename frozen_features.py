@@ -111,24 +111,28 @@ class CachedTokens:
         # The dataset in order, at the pass size; --no-augment's transform draws nothing.
         in_order = DataLoader(loader.dataset, batch_size=self.pass_images, shuffle=False,
                               num_workers=loader.num_workers, pin_memory=loader.pin_memory)
+        keep_on = self._place(len(loader.dataset))
         tokens, labels = [], []
         for images, batch_labels in in_order:
             images = images.to(self.device, non_blocking=True)
-            tokens.append(backbone_pass(self.model, images, amp_dtype))
+            tokens.append(backbone_pass(self.model, images, amp_dtype).to(keep_on))
             labels.append(batch_labels)
-        self.tokens = self._store(torch.cat(tokens))
+        self.tokens = torch.cat(tokens)
+        if keep_on != self.device:
+            self.tokens = self.tokens.pin_memory()  # copies to the GPU then overlap
         self.labels = torch.cat(labels)
 
-    def _store(self, tokens: torch.Tensor) -> torch.Tensor:
-        """On the device where they fit, else in pinned host memory (copies overlap)."""
-        size = tokens.numel() * tokens.element_size()
-        where = f"on {self.device}"
+    def _place(self, count: int) -> torch.device:
+        """Where count class tokens are kept: on the device where they fit, else in host
+        memory. Decided before the backbone pass, so that they never all sit on the GPU."""
+        size = count * self.model.embed_dim * 4  # float32; autocast's tokens are no larger
+        place, where = self.device, f"on {self.device}"
         if self.device.type == "cuda" and size > DEVICE_SHARE * torch.cuda.mem_get_info(
                 self.device)[0]:
-            tokens, where = tokens.cpu().pin_memory(), "in pinned host memory"
-        self.log(f"Training features: {len(tokens)} class tokens ({size / 2**20:.1f} MiB) "
+            place, where = torch.device("cpu"), "in pinned host memory"
+        self.log(f"Training features: {count} class tokens ({size / 2**20:.1f} MiB) "
                  f"computed once and kept {where}.")
-        return tokens
+        return place
 
 
 class _SampledTokens:

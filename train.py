@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ if __name__ == "__main__":  # before torch's seconds-long import: Ctrl-C then ex
 
     quiet_ctrl_c_while_importing()
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -69,7 +71,12 @@ from utils import (
     train_one_epoch,
     write_class_indices,
 )
-from visualize import attention_rollout, plot_confusion_matrix, plot_prediction_grid
+from visualize import (
+    attention_rollout,
+    figure_pixels,
+    plot_confusion_matrix,
+    plot_prediction_grid,
+)
 from vit_model import VisionTransformer, create_model
 from weights import build_model_for, fit_state_dict, read_weights
 
@@ -836,29 +843,42 @@ class RunOutputs:
         chosen = [len(split.val_images) * i // count for i in range(count)]
         self.attention_paths = [split.val_images[i] for i in chosen]
         self.attention_titles = [split.class_names[split.val_labels[i]] for i in chosen]
+        self.attention_fixed = args.freeze_layers
+        self.attention_picture: Future[np.ndarray] | None = None  # kept when fixed
 
     def attention_rollout(self, epoch: int, model: VisionTransformer,
                           device: torch.device) -> None:
         """The rollout of the fixed validation images, computed here (four images: cheap) on
-        the plain model, drawn on the writer's thread."""
-        images = MyDataSet(self.attention_paths, [0] * len(self.attention_paths),
-                           build_transforms(model.image_size, train=False))
-        batch = torch.stack([image for image, _ in images])
-        was_training = model.training
-        with torch.no_grad():
-            rollout = attention_rollout(model.eval().attention_maps(batch.to(device))).cpu()
-        model.train(was_training)
+        the plain model, drawn on the writer's thread.
 
-        def draw() -> None:
-            from grad_cam import overlay_on_crop
+        With --freeze-layers the blocks never change, and neither does their attention: it
+        is computed and drawn once, and the same picture is logged for every epoch.
+        """
+        if self.attention_picture is None:
+            images = MyDataSet(self.attention_paths, [0] * len(self.attention_paths),
+                               build_transforms(model.image_size, train=False))
+            batch = torch.stack([image for image, _ in images])
+            was_training = model.training
+            with torch.no_grad():
+                rollout = attention_rollout(model.eval().attention_maps(batch.to(device))).cpu()
+            model.train(was_training)
 
-            pictures = [overlay_on_crop(crop, grid)
-                        for crop, grid in zip(unnormalize(batch), rollout, strict=True)]
-            figure = plot_prediction_grid(pictures, self.attention_titles,
-                                          columns=len(pictures))
-            self.writer.add_figure("attention_rollout", figure, epoch)
+            def draw() -> np.ndarray:
+                from grad_cam import overlay_on_crop
 
-        self.saver.run(draw)
+                pictures = [overlay_on_crop(crop, grid)
+                            for crop, grid in zip(unnormalize(batch), rollout, strict=True)]
+                return figure_pixels(plot_prediction_grid(pictures, self.attention_titles,
+                                                          columns=len(pictures)))
+
+            picture = self.saver.run(draw)
+            if self.attention_fixed:
+                self.attention_picture = picture
+        else:
+            picture = self.attention_picture
+        # Chained on the writer's thread (it runs its tasks in order), after the drawing.
+        self.saver.run(lambda: self.writer.add_image("attention_rollout", picture.result(),
+                                                     epoch, dataformats="HWC"))
 
     def epoch_done(self, epoch: int, metrics: dict, confusion: torch.Tensor,
                    checkpoint: Checkpoint, is_best: bool) -> None:

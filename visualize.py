@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -137,6 +138,15 @@ def per_class_metrics(cm: torch.Tensor) -> dict[str, torch.Tensor]:
 def _figure(width: float, height: float) -> Figure:
     from matplotlib.figure import Figure
     return Figure(figsize=(width, height), layout="constrained")
+
+
+def figure_pixels(fig: Figure) -> np.ndarray:
+    """The figure drawn at its own dpi, as (H, W, 3) uint8 pixels (TensorBoard's add_image)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
