@@ -719,8 +719,8 @@ def print_e2e_table(rows: list[dict]) -> None:
 
 
 # The CPU row of issue 10: a frozen run without augmentation, one backbone pass per batch
-# (train.py's loop before --frozen-batch), grouped, and from cached training features.
-CACHE_ROW_VARIANTS = (("--no-augment", "--frozen-batch", "0"), ("--no-augment",),
+# (train.py's default), grouped, and from cached training features.
+CACHE_ROW_VARIANTS = (("--no-augment",), ("--no-augment", "--frozen-batch", "128"),
                       ("--no-augment", "--cache-train-features"))
 
 

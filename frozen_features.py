@@ -30,10 +30,10 @@ from distributed import Distributed
 from utils import EpochStats, StepSettings, class_tokens, head_of, train_one_epoch
 from vit_model import DropPath, VisionTransformer
 
-# Images per backbone pass when --frozen-batch is not given: the fastest of 8, 32, 128 and
-# 256 for ViT-Ti/16's no-grad forward pass on two CPU cores (BENCHMARKS.md, "Frozen backbone,
-# grouped"; 2.4x batch 8's images per CPU-second). Not measured on a GPU, where CUDA graphs
-# take precedence (why_per_batch).
+# Images per backbone pass of --cache-train-features when --frozen-batch is not given. Grouping
+# is not the default: on a quiet two-core CPU a whole frozen run was 3-7% slower grouped at
+# 128 than per batch (BENCHMARKS.md, "CPU, frozen, --no-augment"); on a GPU it is still to
+# measure, and CUDA graphs take precedence there (why_per_batch).
 DEFAULT_FROZEN_IMAGES = 128
 # Keep cached features on the GPU only while they take at most this share of its free memory.
 DEVICE_SHARE = 0.25
@@ -192,8 +192,8 @@ def plan_frozen_head(args: argparse.Namespace, model: VisionTransformer, device:
     asked = [flag for flag, given in (("--frozen-batch", args.frozen_batch is not None),
                                       ("--cache-train-features", args.cache_train_features))
              if given]
-    if args.frozen_batch == 0 and not args.cache_train_features:
-        return None
+    if not args.frozen_batch and not args.cache_train_features:
+        return None  # the per-batch loop: the default, and --frozen-batch 0
     reason = why_per_batch(args, model, dist_info, cuda_graphs)
     if reason is not None:
         if asked:
@@ -210,7 +210,7 @@ def plan_frozen_head(args: argparse.Namespace, model: VisionTransformer, device:
             log("Caching the training features: --no-augment trains on the evaluation "
                 "transform's centre crops, not the report's random crops and flips.")
             cache = CachedTokens(model, max(pass_images, args.batch_size), device, log)
-    if cache is None and args.frozen_batch == 0:
+    if cache is None and not args.frozen_batch:
         return None
     group = max(1, round(pass_images / args.batch_size))
     if cache is None:

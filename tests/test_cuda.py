@@ -142,7 +142,6 @@ def test_when_train_py_uses_cuda_graphs(flags, device, world_size, expected, not
     assert (notes == []) if note is None else (len(notes) == 1 and note in notes[0])
 
 
-
 # ------------------------------------------------- CUDA graphs around a torch.compile'd model
 
 @pytest.fixture
@@ -168,7 +167,7 @@ class CountingBackend:
 
 def per_sample_model() -> torch.nn.Module:
     # What is under test is the wrapping, not the compiler on a ViT (test_train compiles the
-    # demo ViT with the real backend): a two-layer network traces in a fifth of the time of
+    # demo ViT through train.py): a two-layer network traces in a fifth of the time of
     # even tiny_model(), and, like a ViT, never mixes samples, so padding changes nothing.
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 16),
@@ -229,6 +228,7 @@ def test_train_py_captures_the_compiled_model_and_saves_the_plain_one():
                      "of the compiled model."]
     assert list(wrappers.model.state_dict()) == list(tiny_model().state_dict())
     assert not any("_orig_mod." in key for key in wrappers.model.state_dict())
+
 
 @cuda
 @pytest.mark.parametrize(("amp_dtype", "accum_steps"),
