@@ -530,3 +530,32 @@ def test_train_exif_transpose_flag_defaults_to_the_reproduced_behaviour():
     parser = train.get_args_parser()
     assert parser.parse_args([]).exif_transpose is False
     assert parser.parse_args(["--exif-transpose"]).exif_transpose is True
+
+
+@pytest.mark.parametrize("flag", ["--exif-transpose", "--no-exif-transpose"])
+def test_train_loaders_turn_phone_photos_only_with_exif_transpose(tmp_path, flag):
+    import train
+    from distributed import Distributed
+    from my_dataset import unnormalize
+    from utils import Split
+
+    photo = tmp_path / "phone.jpg"
+    upright = _phone_photo(photo, 6)
+    split = Split(["a"], [photo], [0], [photo], [0])
+    args = train.get_args_parser().parse_args([flag, "--device-data", "--batch-size", "1"])
+    notes = []
+    loaders = train.build_dataloaders(split, args, 32, 0, torch.device("cpu"), Distributed(),
+                                      notes.append)
+    turned = flag == "--exif-transpose"
+    # device_data decodes the bytes as stored, so --exif-transpose takes the CPU loader.
+    assert ("note: --exif-transpose uses the CPU DataLoader; --device-data is off." in notes
+            ) == turned
+    if turned:
+        for loader in loaders:
+            assert loader.dataset.exif_transpose is True
+        # The validation crop (resized to 48x32 then 36 high, centre 32x32) of the upright
+        # picture: its red third begins at the left edge; blue fills the right.
+        assert upright.size == (48, 32)
+        (image, _), = loaders[1]
+        red = unnormalize(image)[0, 0]
+        assert red[:, :4].mean() > 0.9 and red[:, -8:].mean() < 0.1
