@@ -465,7 +465,7 @@ def data_section(args: argparse.Namespace, device: torch.device, root: Path) -> 
     sync(device)
     decode_s = time.perf_counter() - start
     count = device_loader.num_samples
-    record("DeviceImageLoader decode", decode_s, decode_s, count,
+    record("DeviceTrainLoader decode", decode_s, decode_s, count,
            "read + decode once, on " + device.type)
     epochs = []
     for _ in range(2):
@@ -474,7 +474,7 @@ def data_section(args: argparse.Namespace, device: torch.device, root: Path) -> 
             pass
         sync(device)
         epochs.append(time.perf_counter() - start)
-    record("DeviceImageLoader epoch", epochs[0], epochs[1], count,
+    record("DeviceTrainLoader epoch", epochs[0], epochs[1], count,
            "crop + resize + flip on " + device.type)
     del device_loader
     free_memory(device)
@@ -648,8 +648,7 @@ def e2e_section(args: argparse.Namespace, device: torch.device, dtype: torch.dty
     else:
         have_timm = True
     rows = []
-    for batch in e2e_batch_sizes(args):
-        batch_args = argparse.Namespace(**{**vars(args), "e2e_batch_size": batch})
+    for batch_args in per_batch_args(args):
         for mode in [m.strip() for m in args.e2e_modes.split(",") if m.strip()]:
             rows += e2e_runs(batch_args, device, dtype, root, log, notes, mode, have_timm)
     for row in rows:
@@ -668,26 +667,44 @@ def e2e_batch_sizes(args: argparse.Namespace) -> list[int]:
     return [int(b) for b in args.e2e_batch_sizes.split(",") if b.strip()]
 
 
+def per_batch_args(args: argparse.Namespace) -> list[argparse.Namespace]:
+    """A copy of args for each of e2e_batch_sizes, with that batch as its e2e_batch_size."""
+    return [argparse.Namespace(**{**vars(args), "e2e_batch_size": batch})
+            for batch in e2e_batch_sizes(args)]
+
+
+Run = tuple[str, Callable[[], dict]]  # (pipeline name, the run: its result dict)
+
+
 def e2e_runs(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None,
-             root: Path, log: Path, notes: list[str], mode: str, have_timm: bool,
-             variants: list[tuple[str, ...]] | None = None) -> list[dict]:
+             root: Path, log: Path, notes: list[str], mode: str, have_timm: bool) -> list[dict]:
     """One mode's runs at args.e2e_batch_size: the reference, train.py plain and with each
-    of --e2e-variants' flag sets, then the projection; given variants, those train.py runs
-    alone."""
+    of --e2e-variants' flag sets, then the projection."""
     frozen = mode == "frozen"
-    alone = variants is not None
-    if not alone:  # the plain train.py run first, then one per variant
-        variants = [()] + e2e_variants(args.e2e_variants, mode)
-    runs = []
-    if have_timm and not alone:
+    runs: list[Run] = []
+    if have_timm:
         runs.append(("reference: ImageFolder + timm",
                      lambda: run_loop(args, device, dtype, root, frozen, "reference")))
-    for variant in variants:
-        runs.append((" ".join(("train.py", *variant)),
-                     lambda v=variant: run_train_py(args, device, root, frozen, log, notes, v)))
-    if args.e2e_projection and not alone:
-        runs.append(("DeviceImageLoader + ours (loop here)",
+    runs += train_py_runs(args, device, root, log, notes, frozen,
+                          [(), *e2e_variants(args.e2e_variants, mode)])
+    if args.e2e_projection:
+        runs.append(("device_data loaders + ours (loop here)",
                      lambda: run_loop(args, device, dtype, root, frozen, "projection")))
+    return timed_rows(args, device, notes, mode, runs)
+
+
+def train_py_runs(args: argparse.Namespace, device: torch.device, root: Path, log: Path,
+                  notes: list[str], frozen: bool, variants: list[tuple[str, ...]]
+                  ) -> list[Run]:
+    """A train.py run for each flag set in `variants`, named by its flags."""
+    return [(" ".join(("train.py", *variant)),
+             lambda v=variant: run_train_py(args, device, root, frozen, log, notes, v))
+            for variant in variants]
+
+
+def timed_rows(args: argparse.Namespace, device: torch.device, notes: list[str], mode: str,
+               runs: list[Run]) -> list[dict]:
+    """Each run in turn, as a row of the e2e table; a failed run becomes a failed row."""
     rows = []
     for name, run in runs:
         print(f"  {mode}, batch {args.e2e_batch_size}: {name} ...", flush=True)
@@ -733,10 +750,9 @@ def cache_section(args: argparse.Namespace, device: torch.device, dtype: torch.d
                   root: Path, log: Path, notes: list[str]) -> list[dict]:
     """CACHE_ROW_VARIANTS' frozen train.py runs; speed-up against the per-batch one."""
     rows = []
-    for batch in e2e_batch_sizes(args):
-        batch_args = argparse.Namespace(**{**vars(args), "e2e_batch_size": batch})
-        runs = e2e_runs(batch_args, device, dtype, root, log, notes, "frozen", False,
-                        list(CACHE_ROW_VARIANTS))
+    for batch_args in per_batch_args(args):
+        runs = timed_rows(batch_args, device, notes, "frozen", train_py_runs(
+            batch_args, device, root, log, notes, True, list(CACHE_ROW_VARIANTS)))
         for row in runs:
             row["speedup_vs_reference"] = runs[0]["seconds"] / row["seconds"]
         rows += runs

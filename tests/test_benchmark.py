@@ -80,12 +80,14 @@ def test_benchmark_runs_every_section(tmp_path, capsys):
         "--infer-batch-size", "2", "--steps", "1", "--warmup", "1",
         "--data", "--img-size", "64", "--workers", "0",
         "--e2e", "--e2e-scale", "0.01", "--e2e-epochs", "1", "--e2e-model", "vit_demo_patch8_64",
-        "--e2e-projection", "--e2e-variants=--no-cuda-graphs",
+        "--e2e-projection", "--e2e-variants=--no-cuda-graphs", "--e2e-cache",
+        "--backbone-batches", "2,4", "--backbone-images", "4",
         "--standin", str(tmp_path / "standin"), "--json", str(out)])
     printed = capsys.readouterr().out
     assert status == 0, printed
     for heading in ("Model (vit_demo_patch8_64", "Data (64 px", "End to end (vit_demo_patch8_64",
-                    "train / timm", "DeviceImageLoader epoch", "speed-up"):
+                    "train / timm", "DeviceTrainLoader epoch", "speed-up", "Frozen backbone",
+                    "Frozen, --no-augment (vit_demo_patch8_64"):
         assert heading in printed
 
     results = json.loads(out.read_text())
@@ -98,19 +100,29 @@ def test_benchmark_runs_every_section(tmp_path, capsys):
     timm_row = next(r for r in results["model"] if r["model"] == "timm")
     assert timm_row["train_vs_timm"] == pytest.approx(1.0)
     assert [r["pipeline"] for r in results["data"]] == [
-        "MyDataSet + DataLoader", "ImageFolder + DataLoader", "DeviceImageLoader decode",
-        "DeviceImageLoader epoch"]
+        "MyDataSet + DataLoader", "ImageFolder + DataLoader", "DeviceTrainLoader decode",
+        "DeviceTrainLoader epoch"]
     for row in results["data"]:
         assert row["images"] == 31 and row["img_s"] > 0  # 36 less 1 per class to validate
     assert [(r["mode"], r["pipeline"].split(":")[0]) for r in results["e2e"]] == [
         (mode, name) for mode in ("frozen", "unfrozen")
         for name in ("reference", "train.py", "train.py --no-cuda-graphs",
-                     "DeviceImageLoader + ours (loop here)")]
+                     "device_data loaders + ours (loop here)")]
     for row in results["e2e"]:
         assert row["ok"] and row["seconds"] > 0 and row["speedup_vs_reference"] > 0
         assert 0.0 <= row["val_acc"] <= 1.0
         # train.py rows also give the training phase's speed, from the last checkpoint
         assert ((row["train_img_s"] or 0) > 0) == row["pipeline"].startswith("train.py")
+    assert [r["batch"] for r in results["backbone_batches"]] == [2, 4]
+    assert all(r["images"] == 4 and r["img_s"] > 0 for r in results["backbone_batches"])
+    # The cache row: its three frozen runs, timed against the first (per batch).
+    assert [r["pipeline"] for r in results["cache"]] == [
+        " ".join(("train.py", *flags)) for flags in benchmark.CACHE_ROW_VARIANTS]
+    assert results["cache"][0]["speedup_vs_reference"] == 1.0
+    assert all(r["ok"] and r["mode"] == "frozen" for r in results["cache"])
     log = Path(str(out.with_suffix(".train.log"))).read_text()
-    assert log.count("$ python train.py") == 4 and "--no-freeze-layers" in log
+    assert log.count("$ python train.py") == 7 and "--no-freeze-layers" in log
     assert log.count("--keep 1 --no-cuda-graphs") == 2
+    # Grouping and the cache ran, not the per-batch loop with a note.
+    assert "Frozen backbone: one forward pass per" in log and "Training features:" in log
+    assert "--frozen-batch is off" not in log and "--cache-train-features is off" not in log
