@@ -768,22 +768,21 @@ def backbone_batch_section(args: argparse.Namespace, device: torch.device,
     """The frozen backbone's no-grad forward pass (train.py's class tokens) at each of
     --backbone-batches: what --frozen-batch chooses between. Images per CPU-second beside
     images/s: on a shared CPU the load moves the second far more than the first."""
-    from utils import class_tokens
+    from frozen_features import backbone_pass
 
     model = create_model(args.model_name, num_classes=5).to(device).eval()
     size = model.image_size
     rows = []
     for batch in [int(b) for b in args.backbone_batches.split(",") if b.strip()]:
         x = torch.randn(batch, 3, size, size, device=device)
-        with torch.no_grad(), autocast(device, dtype):
-            class_tokens(model, x)  # warm-up
-            sync(device)
-            images, wall, cpu = 0, time.perf_counter(), time.process_time()
-            while images < max(batch, args.backbone_images):
-                class_tokens(model, x)
-                images += batch
-            sync(device)
-            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        backbone_pass(model, x, dtype)  # warm-up
+        sync(device)
+        images, wall, cpu = 0, time.perf_counter(), time.process_time()
+        while images < max(batch, args.backbone_images):
+            backbone_pass(model, x, dtype)
+            images += batch
+        sync(device)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         rows.append({"batch": batch, "images": images, "img_s": images / wall,
                      "img_per_cpu_s": images / cpu})
         print(f"  batch {batch}: {images / wall:,.2f} img/s", flush=True)
