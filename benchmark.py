@@ -859,12 +859,17 @@ def training_flops_per_image(model_name: str, frozen: bool) -> float:
     pass and a backward pass of about twice that: 3x. Frozen, the backward pass stops at the
     head, so the forward pass is nearly all of it: 1x.
     """
-    from flops import build_on_meta, stage_table
+    return 2 * forward_multiply_adds(model_name) * (1 if frozen else 3)
+
+
+@functools.cache  # one count per model (and so per input size), not one per table row
+def forward_multiply_adds(model_name: str) -> int:
+    """flops.py's multiply-adds of one image's forward pass at the model's own input size."""
+    from flops import build_on_meta, module_macs
 
     model = build_on_meta(model_name, num_classes=5)
     side = model.image_size
-    multiply_adds = stage_table(model, (side, side))[-1][2]
-    return 2 * multiply_adds * (1 if frozen else 3)
+    return module_macs(model, torch.empty(1, 3, side, side, device="meta"))[""]
 
 
 def peak_flops(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None
