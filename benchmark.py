@@ -321,7 +321,7 @@ def profile_step(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     from torch.profiler import ProfilerActivity, profile
 
     model = create_model(args.model_name, num_classes=5).to(device).train()
-    size = _input_size(model)
+    size = model.image_size
     x = torch.randn(args.batch_size, 3, size, size, device=device)
     y = torch.randint(0, 5, (args.batch_size,), device=device)
     fused = {"fused": True} if device.type == "cuda" else {}
@@ -358,10 +358,11 @@ def profile_step(args: argparse.Namespace, device: torch.device, dtype: torch.dt
 
 
 def _input_size(model: nn.Module) -> int:
-    if hasattr(model, "patch_embed"):
-        size = model.patch_embed.img_size
-        return size[0] if isinstance(size, tuple | list) else size
-    return model.image_size  # torchvision
+    """The side of a square input: ours and torchvision's say it as image_size; timm's
+    VisionTransformer has no such attribute, its patch embedding keeps an (H, W) pair."""
+    if hasattr(model, "image_size"):
+        return model.image_size
+    return model.patch_embed.img_size[0]  # timm
 
 
 def _num_classes(model: nn.Module) -> int:
@@ -528,7 +529,7 @@ def run_loop(args: argparse.Namespace, device: torch.device, dtype: torch.dtype 
         from device_data import DeviceEvalLoader, DeviceTrainLoader
 
         model = create_model(args.e2e_model, num_classes=num_classes)
-        size = _input_size(model)
+        size = model.image_size
         common = dict(img_size=size, batch_size=args.e2e_batch_size, device=device)
         train_loader = DeviceTrainLoader.from_files(split.train_images, split.train_labels,
                                                     **common)
