@@ -6,16 +6,29 @@
     python benchmark.py --no-model --e2e                 # reference pipeline vs train.py, 10 epochs
     python benchmark.py --device cpu --model-name vit_small_patch16_224   # a CPU-sized model
 
-Sections:
-  model  train steps (AdamW, forward + backward + step, autocast in --dtype on CUDA) and
-         inference (inference_mode) images/s of this project's model, timm's and
-         torchvision's at the same configuration, batch and dtype; ratios against timm eager.
-  data   images/s of one training epoch through my_dataset.MyDataSet in a DataLoader,
-         torchvision's ImageFolder with the same transforms, and device_data.DeviceTrainLoader
-         (decoding once, then epochs on the device), over a generated stand-in folder.
-  e2e    wall-clock seconds of whole training runs on the stand-in: the reference pipeline
-         (ImageFolder + timm ViT, the report's transforms, batch 32, bf16 on CUDA, SGD as the
-         report) against train.py itself (train.main in this process), frozen and unfrozen.
+Sections (in the order they run):
+  model     train steps (AdamW, forward + backward + step, autocast in --dtype on CUDA) and
+            inference (inference_mode) images/s of this project's model, timm's and
+            torchvision's at the same configuration, batch and dtype; ratios against timm
+            eager (--model, on by default).
+  profile   where one training step's time goes: wall clock against GPU busy time, eager and
+            replayed as a CUDA graph (--profile).
+  backbone  the frozen backbone's forward pass at each of --backbone-batches: what
+            --frozen-batch chooses between (--backbone-batches B,B).
+  data      images/s of one training epoch through my_dataset.MyDataSet in a DataLoader,
+            torchvision's ImageFolder with the same transforms, and
+            device_data.DeviceTrainLoader (decoding once, then epochs on the device), over a
+            generated stand-in folder (--data).
+  e2e       wall-clock seconds of whole training runs on the stand-in at each of
+            --e2e-batch-sizes (default: --e2e-batch-size, 32): the reference pipeline
+            (ImageFolder + timm ViT, the report's transforms, bf16 on CUDA, SGD as the report)
+            against train.py itself (train.main in this process), frozen and unfrozen, with
+            an MFU column where the device's peak is known (--e2e; --e2e-projection adds
+            device_data's loaders + our model in the reference's loop).
+  cache     frozen --no-augment train.py runs: one backbone pass per batch, grouped
+            (--frozen-batch 128) and from cached training features (--e2e-cache).
+  memory    peak GPU memory of unfrozen SGD steps, ViT-B/16 and ViT-L/16, with and without
+            --grad-checkpointing (--memory, CUDA only).
 
 The stand-in for flower_photos has the same class counts (3670 images, 2939 / 731 after the
 split) and JPEGs of the same size and weight (500x375, about 24 KiB), drawn from
@@ -954,11 +967,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "run each; 'frozen:FLAGS' or 'unfrozen:FLAGS' for one mode only; "
                              "give it with '=': --e2e-variants='--no-cuda-graphs'")
     parser.add_argument("--e2e-cache", action="store_true",
-                        help="the CPU row: frozen train.py runs with --no-augment, one "
-                             "backbone pass per batch, grouped, and --cache-train-features")
+                        help="issue 10's cache row, at each e2e batch: frozen train.py runs "
+                             "with --no-augment, one backbone pass per batch, grouped, and "
+                             "--cache-train-features (the last two with --no-cuda-graphs, "
+                             "which they need on CUDA)")
     parser.add_argument("--memory", action="store_true",
                         help="peak GPU memory of unfrozen training steps with and without "
-                             "--grad-checkpointing, ViT-B/16 and ViT-L/16 (CUDA only)")
+                             "--grad-checkpointing, ViT-B/16 and ViT-L/16, at each e2e batch "
+                             "(--e2e-batch-sizes, else --e2e-batch-size; CUDA only)")
     parser.add_argument("--backbone-batches", default=None, metavar="B,B",
                         help="time the frozen backbone's forward pass (--model-name) at these "
                              "batches, as --frozen-batch would run it")
@@ -975,7 +991,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="stand-in folder to make or reuse (default: a temporary one)")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--train-log", default=None,
-                        help="train.py's output from --e2e (default: next to --json, or none)")
+                        help="train.py's output from --e2e and --e2e-cache (default: next to "
+                             "--json, else a temporary file)")
     return parser
 
 
