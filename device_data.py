@@ -297,7 +297,8 @@ class DecodedImages:
         max_bytes: memory the images may take (default: memory_limit(device)).
 
     Attributes:
-        images: the kept uint8 images, on the device.
+        images: on the device: a list of uint8 (3, H, W) whole images, or with crop_to=S one
+            uint8 (N, 3, S, S) tensor of eval crops, which batches slice without a copy.
         labels: (N,) int64, on the device.
         sizes: (N, 2) int64 (H, W) of every file as decoded, on the CPU.
 
@@ -346,8 +347,11 @@ class DecodedImages:
         return 3 * crop_to * crop_to * len(sizes) + DECODE_CHUNK * largest + 8 * largest
 
     def _decode(self, infos: list[_FileInfo], paths: list[Path], workers: int
-                ) -> list[torch.Tensor]:
+                ) -> list[torch.Tensor] | torch.Tensor:
         images: list[torch.Tensor] = []
+        if self.crop_to is not None:
+            crops = torch.empty(len(paths), 3, self.crop_to, self.crop_to, dtype=torch.uint8,
+                                device=self.device)                          # (N, 3, S, S)
         with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=workers) as pool:
             # torchvision's decoders warn on every call that TorchCodec replaces them.
             warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
@@ -360,10 +364,12 @@ class DecodedImages:
                                pool.map(_decode_on_cpu, infos[chunk], paths[chunk])]
                 for info in infos[chunk]:
                     info.data = bytearray()  # decoded: free the file's bytes
-                if self.crop_to is not None:
-                    decoded = [eval_crop(image, self.crop_to) for image in decoded]
-                images.extend(decoded)
-        return images
+                if self.crop_to is None:
+                    images.extend(decoded)
+                else:
+                    for k, image in enumerate(decoded, start):
+                        crops[k] = eval_crop(image, self.crop_to)
+        return images if self.crop_to is None else crops
 
 
 def _check_batch_size(batch_size: int) -> None:
@@ -480,7 +486,6 @@ class DeviceEvalLoader(_DeviceBatches):
             raise ValueError("DeviceEvalLoader reads eval crops; decode the images with "
                              "crop_to=img_size.")
         super().__init__(images, batch_size, drop_last)
-        self.img_size = images.crop_to
 
     @classmethod
     def from_files(cls, images_path: Sequence[str | Path], images_class: Sequence[int], *,
@@ -494,5 +499,5 @@ class DeviceEvalLoader(_DeviceBatches):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for b in range(len(self)):
             rows = slice(b * self.batch_size, (b + 1) * self.batch_size)
-            images = torch.stack(self.images.images[rows]).float()          # (B, 3, S, S)
+            images = self.images.images[rows].float()                       # (B, 3, S, S)
             yield self.normalise(images), self.images.labels[rows]

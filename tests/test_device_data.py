@@ -213,8 +213,12 @@ def test_decoded_once_serves_several_loaders(images):
         DeviceEvalLoader(whole, batch_size=4)
 
     crops = DecodedImages(paths, labels, crop_to=32)
-    assert {tuple(image.shape) for image in crops.images} == {(3, 32, 32)}
-    assert DeviceEvalLoader(crops, batch_size=4).img_size == 32
+    # One (N, 3, S, S) tensor, which the eval loader's batches slice instead of stacking.
+    assert crops.images.dtype == torch.uint8 and crops.images.shape == (len(paths), 3, 32, 32)
+    loader = DeviceEvalLoader(crops, batch_size=4)
+    first = collect(loader)[0]
+    assert first.shape == (len(paths), 3, 32, 32)
+    assert torch.equal(first, collect(loader)[0])  # normalising in place leaves the crops be
     with pytest.raises(ValueError, match="crop_to"):
         DeviceTrainLoader(crops, img_size=32, batch_size=4)
 
