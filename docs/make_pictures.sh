@@ -32,7 +32,7 @@ CKPT=$WORK/weights/best.pth
 cp "$WORK/evaluation/confusion_matrix.png" "$WORK/evaluation/class_distribution.png" docs/
 CHROMIUM=$(command -v chromium || command -v chromium-headless-shell || true)
 if [ -n "$CHROMIUM" ]; then
-    # The top of the page at laptop width, halved: under 300 KB once quantised below.
+    # The top of the page at laptop width, halved: about 100 KB once quantised below.
     "$CHROMIUM" --headless --no-sandbox --hide-scrollbars --window-size=1280,2300 \
         --screenshot="$PWD/docs/evaluation_report.png" "file://$PWD/$WORK/evaluation/report.html"
     "$PY" -c "from PIL import Image; i = Image.open('docs/evaluation_report.png'); \
@@ -41,7 +41,8 @@ else
     echo "No chromium: docs/evaluation_report.png is not redrawn." >&2
 fi
 
-# A 256-colour palette keeps each PNG well under 150 KB with no visible loss at this size.
+# A 256-colour palette keeps each PNG at about 100 KB or less (the page's screenshot is the
+# largest) with no visible loss at this size.
 "$PY" - <<'PYTHON'
 from pathlib import Path
 
