@@ -310,9 +310,9 @@ def figure_outputs(target: str, paths: list[Path], flag: str = "--attention",
         if len(paths) > 1:
             raise UserError(f"{flag} {target} names one file but {len(paths)} images were "
                             f"given; pass a folder instead.")
-        return [check_output_file(target_path, "--attention")]
+        return [check_output_file(target_path, flag)]
     if target_path.exists() and not target_path.is_dir():
-        raise UserError(f"--attention {target} is a file; for {len(paths)} images pass a "
+        raise UserError(f"{flag} {target} is a file; for {len(paths)} images pass a "
                         f"folder (or a {', '.join(FIGURE_SUFFIXES)} file for one image).")
     outputs, used = [], set()
     for path in paths:
@@ -336,6 +336,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--topk must be at least 1.")
     if args.workers is not None and args.workers < 0:
         raise UserError("--workers must be 0 or more.")
+    if not args.grad_cam and (args.target_class is not None or args.cam_layer != -1):
+        raise UserError("--target-class and --cam-layer choose the map of --grad-cam; add "
+                        "--grad-cam PATH.")
     if args.save_fig:
         check_figure_path(args.save_fig, "--save-fig")
     paths, unreadable = collect_images(args.images)
@@ -348,9 +351,6 @@ def run(args: argparse.Namespace) -> int:
     for path, why in unreadable:
         print(f"warning: skipping {path}: cannot be read as an image ({why}).", file=sys.stderr)
     attention_paths = figure_outputs(args.attention, paths) if args.attention else []
-    if not args.grad_cam and (args.target_class is not None or args.cam_layer != -1):
-        raise UserError("--target-class and --cam-layer choose the map of --grad-cam; add "
-                        "--grad-cam PATH.")
     grad_cam_paths = (figure_outputs(args.grad_cam, paths, "--grad-cam", "gradcam")
                       if args.grad_cam else [])
 

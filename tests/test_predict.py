@@ -608,9 +608,10 @@ def test_bad_grad_cam_flags_exit_2_with_one_line(trained, tmp_path, capsys, flag
     assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1, err
     assert err.startswith("error: ") and needle in err
     assert not target.exists()
-    rc, _, err = run_predict([data / "roses" / "roses_0000.jpg", "--weights", ckpt,
-                              "--device", "cpu", *flags], capsys)
-    assert rc == 2 and "add --grad-cam PATH" in err
+    # Without --grad-cam the flags are refused before any image is read: even a missing one.
+    rc, _, err = run_predict([tmp_path / "missing.jpg", "--weights", ckpt, "--device", "cpu",
+                              *flags], capsys)
+    assert "add --grad-cam PATH" in one_error_line(rc, err)
 
 
 # --------------------------------------------------------------------------- hostile inputs
@@ -642,14 +643,22 @@ def test_save_fig_prints_the_path_it_wrote(trained, tmp_path, capsys):
     assert f"Figure saved to {target}\n" in out
 
 
-def test_attention_naming_an_existing_file_for_several_images(trained, tmp_path, capsys):
+@pytest.mark.parametrize("flag", ["--attention", "--grad-cam"])
+def test_a_map_flag_naming_an_existing_file_or_folder_names_that_flag(trained, tmp_path, capsys,
+                                                                      flag):
     data, ckpt = trained
     existing = tmp_path / "notes.txt"
     existing.write_text("keep me")
     rc, _, err = run_predict([data / "roses", "--weights", ckpt, "--device", "cpu",
-                              "--attention", existing], capsys)
-    assert "pass a folder" in one_error_line(rc, err)
+                              flag, existing], capsys)
+    assert one_error_line(rc, err).startswith(f"error: {flag} {existing} is a file")
+    assert "pass a folder" in err
     assert existing.read_text() == "keep me"
+    folder = tmp_path / "map.png"  # a folder with a figure's name, for one image
+    folder.mkdir()
+    rc, _, err = run_predict([data / "roses" / "roses_0000.jpg", "--weights", ckpt,
+                              "--device", "cpu", flag, folder], capsys)
+    assert one_error_line(rc, err).startswith(f"error: {flag} {folder} is a folder")
 
 
 def test_negative_workers_is_bad_input(trained, capsys):
