@@ -292,12 +292,14 @@ def prediction_figure(paths: list[Path], probs: torch.Tensor, class_names: list[
                                 colours, columns=4)
 
 
-def check_figure_path(target: str, flag: str) -> Path:
-    """A file to save a figure in, with a suffix matplotlib writes; checked before any work."""
+def check_figure_path(target: str, flag: str,
+                      suffixes: tuple[str, ...] = FIGURE_SUFFIXES) -> Path:
+    """A file to save a figure (or another output whose kind its suffix names) in; checked
+    before any work. By default the suffixes matplotlib writes."""
     path = check_output_file(target, flag)
-    if path.suffix.lower() not in FIGURE_SUFFIXES:
-        raise UserError(f"{flag} {target} needs one of the suffixes {', '.join(FIGURE_SUFFIXES)}"
-                        f" (e.g. {path.with_suffix('.png')}).")
+    if path.suffix.lower() not in suffixes:
+        raise UserError(f"{flag} {target} needs one of the suffixes {', '.join(suffixes)}"
+                        f" (e.g. {path.with_suffix(suffixes[0])}).")
     return path
 
 

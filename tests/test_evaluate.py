@@ -308,7 +308,7 @@ def test_html_report_stands_alone_and_agrees_with_metrics_json(trained, tmp_path
     # Every misclassified file appears once, as a misclassified card; correct ones apart.
     with (out_dir / "misclassified.csv").open() as f:
         wrong = [row["path"] for row in csv.DictReader(f)]
-    assert wrong, "the one-epoch model should make mistakes for this test to mean anything"
+    assert wrong, "the two-epoch model should make mistakes for this test to mean anything"
     shown = [card["path"] for card in parsed.cards if card["wrong"]]
     assert shown == wrong  # once each, in the same order: the most confident first
     right = [card["path"] for card in parsed.cards if not card["wrong"]]
@@ -340,12 +340,23 @@ def test_html_report_escapes_what_it_did_not_write():
     assert "&lt;script&gt;" in page and "a&amp;b" in page
 
 
-def test_html_path_must_be_an_html_file(trained, tmp_path, capsys):
-    _, ckpt = trained
-    rc, out, err = run_evaluate(["--weights", ckpt, "--device", "cpu", "--output-dir",
-                                 tmp_path / "eval", "--html", tmp_path / "report.pdf"], capsys)
-    assert rc == 2 and out == "" and err.startswith("error: --html") and "ending in .html" in err
-    assert not (tmp_path / "eval").exists()
+@pytest.mark.parametrize("html, needle", [
+    ("report.pdf", "--html {page} needs one of the suffixes .html, .htm"),
+    ("a_folder.html", "--html {page} is a folder"),
+    ("a_file/report.html", "Cannot write {page}: {tmp}/a_file is a file, not a folder"),
+])
+def test_html_path_must_be_an_html_file_that_can_be_written(trained, tmp_path, capsys, html,
+                                                            needle):
+    data, ckpt = trained
+    (tmp_path / "a_folder.html").mkdir()
+    (tmp_path / "a_file").write_text("keep me")
+    page = tmp_path / html
+    rc, out, err = run_evaluate(["--weights", ckpt, "--data-path", data, "--device", "cpu",
+                                 "--output-dir", tmp_path / "eval", "--html", page], capsys)
+    assert rc == 2 and out == "" and len(err.splitlines()) == 1, err
+    assert err.startswith("error: " + needle.format(page=page, tmp=tmp_path))
+    assert not (tmp_path / "eval").exists()  # refused before the evaluation
+    assert (tmp_path / "a_file").read_text() == "keep me"
 
 
 def test_output_dir_that_is_a_file_is_refused_before_the_work(trained, tmp_path, capsys):
