@@ -412,14 +412,23 @@ def check_grad_cam_flags(args: argparse.Namespace, model: VisionTransformer,
     return class_names.index(args.target_class)
 
 
+def grad_cam_title(class_name: str, cam: torch.Tensor, block: int | None = None) -> str:
+    """The caption of a Grad-CAM map: its class, its block when one was chosen, and whether
+    the map is empty."""
+    title = f"Grad-CAM: {class_name}" + (f" (block {block})" if block is not None else "")
+    if cam.max() == 0:  # ReLU(Eq. 2) left nothing: no patch raises this class's score
+        title += ", all zero"
+    return title
+
+
 def grad_cam_figure(crop: torch.Tensor, cam: torch.Tensor, title: str, cam_title: str):
     """The crop the model saw beside it with its Grad-CAM map as a heat map."""
-    from grad_cam import show_cam_on_image
+    from grad_cam import overlay_on_crop
     from visualize import plot_prediction_grid
 
     picture = crop.permute(1, 2, 0).clamp(0, 1).numpy()
-    heat = show_cam_on_image(picture, cam.numpy(), use_rgb=True)
-    fig = plot_prediction_grid([picture, heat], ["input", cam_title], columns=2, cell=3.4)
+    fig = plot_prediction_grid([picture, overlay_on_crop(crop, cam)], ["input", cam_title],
+                               columns=2, cell=3.4)
     fig.suptitle(title)
     return fig
 
@@ -434,9 +443,7 @@ def save_grad_cam_figures(model: VisionTransformer, paths: list[Path], probs: to
                          args.workers)
     for i, (crop, cam) in enumerate(maps):
         title = f"{paths[i].name}: {class_names[best[i]]} ({probs[i, best[i]]:.2f})"
-        cam_title = f"Grad-CAM: {class_names[targets[i]]} (block {args.cam_layer})"
-        if cam.max() == 0:  # ReLU(Eq. 2) left nothing: no patch raises this class's score
-            cam_title += ", all zero"
+        cam_title = grad_cam_title(class_names[targets[i]], cam, args.cam_layer)
         save_figure(grad_cam_figure(crop, cam, title, cam_title), outputs[i])
 
 

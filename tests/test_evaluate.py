@@ -330,6 +330,21 @@ def test_html_report_without_the_run_says_so(trained, tmp_path, capsys):
     assert "so there are no curves" in text and 'alt="training curve"' not in text
 
 
+def test_gallery_lists_every_mistake_and_the_first_correct_images_of_each_class():
+    import report
+
+    # Class 0: more mistakes than the gallery shows, growing in confidence, then 5 right;
+    # class 1: 2 right.
+    wrong = report.MAX_MISTAKES + 2
+    confidence = torch.linspace(0.55, 0.95, wrong)
+    probs = torch.cat([torch.stack([1 - confidence, confidence], dim=1),
+                       torch.tensor([[0.9, 0.1]] * 5 + [[0.2, 0.8]] * 2)])
+    labels = torch.tensor([0] * (wrong + 5) + [1] * 2)
+    mistakes, correct = report.gallery_indices(probs, labels)
+    assert mistakes == list(range(wrong))[::-1]  # every one, the most confident first
+    assert correct == [wrong, wrong + 1, wrong + 2, wrong + 5, wrong + 6]
+
+
 def test_html_report_escapes_what_it_did_not_write():
     import report
 

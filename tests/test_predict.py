@@ -594,6 +594,13 @@ def test_grad_cam_figures_and_target_class(trained, tmp_path, capsys):
         assert a.size == b.size and a.tobytes() != b.tobytes()
 
 
+def test_grad_cam_title_names_the_class_the_block_and_an_empty_map():
+    cam = torch.zeros(4, 4)
+    assert predict.grad_cam_title("roses", cam) == "Grad-CAM: roses, all zero"
+    cam[1, 2] = 0.5
+    assert predict.grad_cam_title("roses", cam, -2) == "Grad-CAM: roses (block -2)"
+
+
 @pytest.mark.parametrize("flags, needle", [
     (["--target-class", "orchids"], "--target-class orchids is not one of the model's classes: "
                                     + ", ".join(CLASSES)),
