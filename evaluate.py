@@ -34,7 +34,8 @@ from checkpoints import read_train_args
 from cli import add_device_flag, add_weights_flags, run_main
 from download import FLOWERS_DIR
 from errors import UserError, make_output_dir, writing
-from predict import load_classifier, predict_probs, resolve_weights
+from predict import check_figure_path, load_classifier, predict_probs, resolve_weights
+from report import HTML_SUFFIXES, write_html_report
 from utils import DEFAULT_SEED, DEFAULT_VAL_RATE, read_split_data, select_device
 from visualize import (
     confusion_matrix,
@@ -158,7 +159,8 @@ def write_misclassified(result: Evaluation, path: Path) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1.")
-    check_html_path(args.html)
+    if args.html is not None:
+        check_figure_path(args.html, "--html", HTML_SUFFIXES)
     if args.workers is not None and args.workers < 0:
         raise UserError("--workers must be 0 or more.")
     weights_path = resolve_weights(args.weights)
@@ -220,20 +222,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"Results in {out}: metrics.json, metrics.csv, misclassified.csv, "
           f"confusion_matrix.png, class_distribution.png")
     if args.html:
-        from report import write_html_report
-
         write_html_report(Path(args.html), report, weights_path, model, args.model_name,
                           paths, result.labels, probs, device, args.batch_size)
         print(f"Report: {args.html}")
     return 0
-
-
-def check_html_path(html: str | None) -> None:
-    from report import HTML_SUFFIXES
-
-    if html is not None and (Path(html).suffix.lower() not in HTML_SUFFIXES
-                             or Path(html).is_dir()):
-        raise UserError(f"--html {html} should name a file ending in .html.")
 
 
 def main(argv: list[str] | None = None) -> int:

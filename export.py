@@ -18,6 +18,7 @@ ONNX needs the optional packages onnx, onnxscript (torch's exporter) and onnxrun
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
 import json
 import math
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 
 from cli import add_weights_flags, run_main
-from errors import UserError, WriteError, check_output_file, writing
+from errors import UserError, check_output_file, write_error, writing
 from my_dataset import MEAN, STD
 from predict import load_classifier, resolve_weights
 from vit_model import VisionTransformer
@@ -69,10 +70,12 @@ def export_torchscript(model: VisionTransformer, example: torch.Tensor, config: 
         traced = torch.jit.trace(model, example)
         try:
             torch.jit.save(traced, str(output), _extra_files={"config.json": json.dumps(config)})
-        except RuntimeError as err:  # PyTorch's file writer reports OS errors this way
-            reason = str(err).rsplit("strerror:", 1)[-1].strip() or "the write failed"
-            raise WriteError(f"Cannot write {output} ({reason}); check the folder and the free "
-                             f"space.") from None
+        except RuntimeError as err:  # PyTorch's C++ file writer reports OS errors this way
+            # A failed open names the system's reason after "strerror:"; without one,
+            # write_error's reading of a RuntimeError (a full disk) is the best guess.
+            _, found, reason = str(err).rpartition("strerror:")
+            raise write_error(output, OSError(errno.EIO, reason.strip()) if found else err
+                              ) from None
         loaded = torch.jit.load(str(output), map_location="cpu")
     return lambda x: loaded(x)
 

@@ -292,12 +292,14 @@ def prediction_figure(paths: list[Path], probs: torch.Tensor, class_names: list[
                                 colours, columns=4)
 
 
-def check_figure_path(target: str, flag: str) -> Path:
-    """A file to save a figure in, with a suffix matplotlib writes; checked before any work."""
+def check_figure_path(target: str, flag: str,
+                      suffixes: tuple[str, ...] = FIGURE_SUFFIXES) -> Path:
+    """A file to save a figure (or another output whose kind its suffix names) in; checked
+    before any work. By default the suffixes matplotlib writes."""
     path = check_output_file(target, flag)
-    if path.suffix.lower() not in FIGURE_SUFFIXES:
-        raise UserError(f"{flag} {target} needs one of the suffixes {', '.join(FIGURE_SUFFIXES)}"
-                        f" (e.g. {path.with_suffix('.png')}).")
+    if path.suffix.lower() not in suffixes:
+        raise UserError(f"{flag} {target} needs one of the suffixes {', '.join(suffixes)}"
+                        f" (e.g. {path.with_suffix(suffixes[0])}).")
     return path
 
 
@@ -310,9 +312,9 @@ def figure_outputs(target: str, paths: list[Path], flag: str = "--attention",
         if len(paths) > 1:
             raise UserError(f"{flag} {target} names one file but {len(paths)} images were "
                             f"given; pass a folder instead.")
-        return [check_output_file(target_path, "--attention")]
+        return [check_output_file(target_path, flag)]
     if target_path.exists() and not target_path.is_dir():
-        raise UserError(f"--attention {target} is a file; for {len(paths)} images pass a "
+        raise UserError(f"{flag} {target} is a file; for {len(paths)} images pass a "
                         f"folder (or a {', '.join(FIGURE_SUFFIXES)} file for one image).")
     outputs, used = [], set()
     for path in paths:
@@ -336,6 +338,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--topk must be at least 1.")
     if args.workers is not None and args.workers < 0:
         raise UserError("--workers must be 0 or more.")
+    if not args.grad_cam and (args.target_class is not None or args.cam_layer != -1):
+        raise UserError("--target-class and --cam-layer choose the map of --grad-cam; add "
+                        "--grad-cam PATH.")
     if args.save_fig:
         check_figure_path(args.save_fig, "--save-fig")
     paths, unreadable = collect_images(args.images)
@@ -348,9 +353,6 @@ def run(args: argparse.Namespace) -> int:
     for path, why in unreadable:
         print(f"warning: skipping {path}: cannot be read as an image ({why}).", file=sys.stderr)
     attention_paths = figure_outputs(args.attention, paths) if args.attention else []
-    if not args.grad_cam and (args.target_class is not None or args.cam_layer != -1):
-        raise UserError("--target-class and --cam-layer choose the map of --grad-cam; add "
-                        "--grad-cam PATH.")
     grad_cam_paths = (figure_outputs(args.grad_cam, paths, "--grad-cam", "gradcam")
                       if args.grad_cam else [])
 
@@ -410,14 +412,23 @@ def check_grad_cam_flags(args: argparse.Namespace, model: VisionTransformer,
     return class_names.index(args.target_class)
 
 
+def grad_cam_title(class_name: str, cam: torch.Tensor, block: int | None = None) -> str:
+    """The caption of a Grad-CAM map: its class, its block when one was chosen, and whether
+    the map is empty."""
+    title = f"Grad-CAM: {class_name}" + (f" (block {block})" if block is not None else "")
+    if cam.max() == 0:  # ReLU(Eq. 2) left nothing: no patch raises this class's score
+        title += ", all zero"
+    return title
+
+
 def grad_cam_figure(crop: torch.Tensor, cam: torch.Tensor, title: str, cam_title: str):
     """The crop the model saw beside it with its Grad-CAM map as a heat map."""
-    from grad_cam import show_cam_on_image
+    from grad_cam import overlay_on_crop
     from visualize import plot_prediction_grid
 
     picture = crop.permute(1, 2, 0).clamp(0, 1).numpy()
-    heat = show_cam_on_image(picture, cam.numpy(), use_rgb=True)
-    fig = plot_prediction_grid([picture, heat], ["input", cam_title], columns=2, cell=3.4)
+    fig = plot_prediction_grid([picture, overlay_on_crop(crop, cam)], ["input", cam_title],
+                               columns=2, cell=3.4)
     fig.suptitle(title)
     return fig
 
@@ -432,9 +443,7 @@ def save_grad_cam_figures(model: VisionTransformer, paths: list[Path], probs: to
                          args.workers)
     for i, (crop, cam) in enumerate(maps):
         title = f"{paths[i].name}: {class_names[best[i]]} ({probs[i, best[i]]:.2f})"
-        cam_title = f"Grad-CAM: {class_names[targets[i]]} (block {args.cam_layer})"
-        if cam.max() == 0:  # ReLU(Eq. 2) left nothing: no patch raises this class's score
-            cam_title += ", all zero"
+        cam_title = grad_cam_title(class_names[targets[i]], cam, args.cam_layer)
         save_figure(grad_cam_figure(crop, cam, title, cam_title), outputs[i])
 
 

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from checkpoints import Checkpoint, atomic_write_bytes, epoch_checkpoints, peek_checkpoint
-from errors import WriteError
+from errors import writing
 from grad_cam import overlay_on_crop
-from predict import attention_grids, grad_cam_maps, top_classes
+from predict import attention_grids, grad_cam_maps, grad_cam_title, top_classes
 from visualize import misclassified_indices, plot_confusion_matrix, plot_curves
 from vit_model import VisionTransformer
 
@@ -69,16 +69,16 @@ def _thumbnail(picture: np.ndarray) -> str:
 
 
 def gallery_indices(probs: torch.Tensor, labels: torch.Tensor) -> tuple[list[int], list[int]]:
-    """(misclassified, up to MAX_MISTAKES, most confident first; the first CORRECT_PER_CLASS
+    """(every misclassified image, the most confident first; the first CORRECT_PER_CLASS
     correct images of each class, in class order)."""
-    mistakes = misclassified_indices(probs, labels)[:MAX_MISTAKES]
-    correct: list[int] = []
     right = (probs.argmax(dim=1) == labels).tolist()
-    for label in sorted(set(labels.tolist())):
-        hits = [i for i, (y, ok) in enumerate(zip(labels.tolist(), right, strict=True))
+    label_list = labels.tolist()
+    correct: list[int] = []
+    for label in sorted(set(label_list)):
+        hits = [i for i, (y, ok) in enumerate(zip(label_list, right, strict=True))
                 if ok and y == label]
         correct += hits[:CORRECT_PER_CLASS]
-    return mistakes, correct
+    return misclassified_indices(probs, labels), correct
 
 
 def build_cards(model: VisionTransformer, indices: list[int], paths: list[Path],
@@ -98,7 +98,7 @@ def build_cards(model: VisionTransformer, indices: list[int], paths: list[Path],
                           top_classes(probs[i], class_names, TOP_K),
                           [("input", _thumbnail(picture)),
                            ("attention rollout", _thumbnail(overlay_on_crop(crop, rollout))),
-                           (f"Grad-CAM: {predicted}{', all zero' if cam.max() == 0 else ''}",
+                           (grad_cam_title(predicted, cam),
                             _thumbnail(overlay_on_crop(crop, cam)))]))
     return cards
 
@@ -109,8 +109,9 @@ def build_cards(model: VisionTransformer, indices: list[int], paths: list[Path],
 def validation_curves(weights_path: Path, checkpoint: Checkpoint | None
                       ) -> dict[str, dict[str, dict[int, float]]] | None:
     """{"accuracy": {"train": {epoch: v}, "validation": ...}, "loss": ...} from the epoch
-    checkpoints of the same run beside the weights; None when the run is unknown."""
-    if checkpoint is None or checkpoint.epoch is None or not weights_path.is_file():
+    checkpoints of the same run beside the weights file; None when the run is unknown.
+    checkpoint is that file's (None for a Hugging Face folder or a bare state dict)."""
+    if checkpoint is None or checkpoint.epoch is None:
         return None
     curves: dict[str, dict[str, dict[int, float]]] = {"accuracy": {}, "loss": {}}
     for epoch, path in epoch_checkpoints(weights_path.parent):
@@ -278,15 +279,13 @@ def write_html_report(path: Path, summary: dict, weights_path: Path, model: Visi
         png_data_uri(plot_curves(curves[kind], ylabel=kind, title=f"{kind} per epoch"))
         for kind in ("accuracy", "loss")]
     mistakes, correct = gallery_indices(probs, labels)
-    cards = build_cards(model, mistakes + correct, paths, labels, probs, class_names, device,
+    shown = mistakes[:MAX_MISTAKES]
+    cards = build_cards(model, shown + correct, paths, labels, probs, class_names, device,
                         batch_size)
-    gallery = _gallery_html(cards[:len(mistakes)], cards[len(mistakes):],
-                            len(misclassified_indices(probs, labels)))
+    gallery = _gallery_html(cards[:len(shown)], cards[len(shown):], len(mistakes))
     page = render_page(run_facts(summary, checkpoint, model, model_name), summary,
                        png_data_uri(confusion), curve_uris, gallery)
-    try:
+    with writing(path.parent):
         path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise WriteError(f"Cannot create {path.parent} ({err.strerror or err}).") from None
     atomic_write_bytes(path, page.encode("utf-8"))
     return path

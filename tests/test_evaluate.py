@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 
 import evaluate
@@ -29,18 +30,12 @@ def trained(trained_demo) -> tuple[Path, Path]:
     return trained_demo.data, trained_demo.best
 
 
-def run_evaluate(args: list, capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = evaluate.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def test_outputs_exist_and_agree(trained, tmp_path, capsys):
+def test_outputs_exist_and_agree(trained, tmp_path):
     data, ckpt = trained
     out_dir = tmp_path / "eval"
-    rc, out, _ = run_evaluate(["--weights", ckpt, "--data-path", data, "--output-dir", out_dir,
-                               "--device", "cpu", "--workers", "0", "--batch-size", "4"], capsys)
+    rc, out, _ = run_cli(evaluate.main, ["--weights", ckpt, "--data-path", data, "--output-dir",
+                                         out_dir, "--device", "cpu", "--workers", "0",
+                                         "--batch-size", "4"])
     assert rc == 0
     for name in OUTPUTS:
         assert (out_dir / name).is_file(), name
@@ -81,28 +76,28 @@ def test_outputs_exist_and_agree(trained, tmp_path, capsys):
         assert metrics["classes"][name]["recall"] == pytest.approx(recall)
 
 
-def test_all_evaluates_every_image(trained, tmp_path, capsys):
+def test_all_evaluates_every_image(trained, tmp_path):
     data, ckpt = trained
-    rc, _, _ = run_evaluate(["--weights", ckpt, "--data-path", data, "--output-dir", tmp_path,
-                             "--device", "cpu", "--workers", "0", "--all"], capsys)
+    rc, _, _ = run_cli(evaluate.main, ["--weights", ckpt, "--data-path", data, "--output-dir",
+                                       tmp_path, "--device", "cpu", "--workers", "0", "--all"])
     assert rc == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["subset"] == "all" and metrics["num_images"] == 60
     assert [c["support"] for c in metrics["classes"].values()] == [12] * 5
 
 
-def test_data_folder_with_other_classes_exits_2(trained, tmp_path, capsys):
+def test_data_folder_with_other_classes_exits_2(trained, tmp_path):
     _, ckpt = trained
     other = make_demo_flowers(tmp_path / "flowers", per_class=2)
     (other / "tulips").rename(other / "orchids")
-    rc, out, err = run_evaluate(["--weights", ckpt, "--data-path", other, "--device", "cpu",
-                                 "--output-dir", tmp_path / "eval"], capsys)
+    rc, out, err = run_cli(evaluate.main, ["--weights", ckpt, "--data-path", other, "--device",
+                                           "cpu", "--output-dir", tmp_path / "eval"])
     assert rc == 2 and err.startswith("error: ") and "orchids" in err
     assert not (tmp_path / "eval").exists()
 
 
-def test_missing_checkpoint_exits_2(tmp_path, capsys):
-    rc, _, err = run_evaluate(["--weights", tmp_path / "none.pth", "--device", "cpu"], capsys)
+def test_missing_checkpoint_exits_2(tmp_path):
+    rc, _, err = run_cli(evaluate.main, ["--weights", tmp_path / "none.pth", "--device", "cpu"])
     assert rc == 2 and err == f"error: Weights file {tmp_path / 'none.pth'} does not exist.\n"
 
 
@@ -132,8 +127,7 @@ def test_confusion_matrix_figure_is_a_figure():
 
 
 @pytest.mark.parametrize("kind", ["corrupt", "malicious"])
-def test_bad_weights_are_blamed_before_the_missing_data_folder(kind, tmp_path, monkeypatch,
-                                                               capsys):
+def test_bad_weights_are_blamed_before_the_missing_data_folder(kind, tmp_path, monkeypatch):
     from weight_files import SideEffect, random_ours
 
     monkeypatch.chdir(tmp_path)  # no ./flower_photos here, and no --data-path
@@ -142,7 +136,7 @@ def test_bad_weights_are_blamed_before_the_missing_data_folder(kind, tmp_path, m
         weights.write_bytes(b"PK\x03\x04" + bytes(200))
     else:
         torch.save({"model": random_ours().state_dict(), "extra": SideEffect(marker)}, weights)
-    rc, _, err = run_evaluate(["--weights", weights, "--device", "cpu"], capsys)
+    rc, _, err = run_cli(evaluate.main, ["--weights", weights, "--device", "cpu"])
     assert rc == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     assert str(weights) in err and "Data folder" not in err
     assert not marker.exists()
@@ -196,14 +190,14 @@ def test_misclassified_csv_lists_the_most_confident_mistakes_first(tmp_path):
         ("img2.jpg", "a", "b", "0.6000")]
 
 
-def test_seed_and_val_rate_flags_choose_the_split_evaluated(trained, tmp_path, capsys):
+def test_seed_and_val_rate_flags_choose_the_split_evaluated(trained, tmp_path):
     from predict import load_classifier, predict_probs
     from utils import read_split_data
 
     data, ckpt = trained
-    rc, _, _ = run_evaluate(["--weights", ckpt, "--data-path", data, "--output-dir", tmp_path,
-                             "--device", "cpu", "--workers", "0", "--seed", "7",
-                             "--val-rate", "0.5"], capsys)
+    rc, _, _ = run_cli(evaluate.main, ["--weights", ckpt, "--data-path", data, "--output-dir",
+                                       tmp_path, "--device", "cpu", "--workers", "0", "--seed", "7",
+                                       "--val-rate", "0.5"])
     assert rc == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["num_images"] == 30 and metrics["seed"] == 7  # 6 of 12 per class
@@ -272,11 +266,12 @@ def read_page(path: Path) -> PageParser:
     return parser
 
 
-def test_html_report_stands_alone_and_agrees_with_metrics_json(trained, tmp_path, capsys):
+def test_html_report_stands_alone_and_agrees_with_metrics_json(trained, tmp_path):
     data, ckpt = trained
     out_dir, page = tmp_path / "eval", tmp_path / "pages" / "report.html"
-    rc, out, _ = run_evaluate(["--weights", ckpt, "--data-path", data, "--output-dir", out_dir,
-                               "--device", "cpu", "--workers", "0", "--html", page], capsys)
+    rc, out, _ = run_cli(evaluate.main, ["--weights", ckpt, "--data-path", data, "--output-dir",
+                                         out_dir, "--device", "cpu", "--workers", "0", "--html",
+                                         page])
     assert rc == 0 and f"Report: {page}" in out
     parsed = read_page(page)
     metrics = json.loads((out_dir / "metrics.json").read_text())
@@ -308,7 +303,7 @@ def test_html_report_stands_alone_and_agrees_with_metrics_json(trained, tmp_path
     # Every misclassified file appears once, as a misclassified card; correct ones apart.
     with (out_dir / "misclassified.csv").open() as f:
         wrong = [row["path"] for row in csv.DictReader(f)]
-    assert wrong, "the one-epoch model should make mistakes for this test to mean anything"
+    assert wrong, "the two-epoch model should make mistakes for this test to mean anything"
     shown = [card["path"] for card in parsed.cards if card["wrong"]]
     assert shown == wrong  # once each, in the same order: the most confident first
     right = [card["path"] for card in parsed.cards if not card["wrong"]]
@@ -317,17 +312,33 @@ def test_html_report_stands_alone_and_agrees_with_metrics_json(trained, tmp_path
     assert len(parsed.sources) == 3 * len(parsed.cards) + 1 + 2  # cards, matrix, two curves
 
 
-def test_html_report_without_the_run_says_so(trained, tmp_path, capsys):
+def test_html_report_without_the_run_says_so(trained, tmp_path):
     data, ckpt = trained
     alone = tmp_path / "alone" / "weights.pth"
     alone.parent.mkdir()
     alone.write_bytes(ckpt.read_bytes())  # no model-*.pth beside it: the run is unknown
     page = tmp_path / "report.html"
-    rc, _, _ = run_evaluate(["--weights", alone, "--data-path", data, "--output-dir", tmp_path,
-                             "--device", "cpu", "--workers", "0", "--html", page], capsys)
+    rc, _, _ = run_cli(evaluate.main, ["--weights", alone, "--data-path", data, "--output-dir",
+                                       tmp_path, "--device", "cpu", "--workers", "0", "--html",
+                                       page])
     assert rc == 0
     text = page.read_text()
     assert "so there are no curves" in text and 'alt="training curve"' not in text
+
+
+def test_gallery_lists_every_mistake_and_the_first_correct_images_of_each_class():
+    import report
+
+    # Class 0: more mistakes than the gallery shows, growing in confidence, then 5 right;
+    # class 1: 2 right.
+    wrong = report.MAX_MISTAKES + 2
+    confidence = torch.linspace(0.55, 0.95, wrong)
+    probs = torch.cat([torch.stack([1 - confidence, confidence], dim=1),
+                       torch.tensor([[0.9, 0.1]] * 5 + [[0.2, 0.8]] * 2)])
+    labels = torch.tensor([0] * (wrong + 5) + [1] * 2)
+    mistakes, correct = report.gallery_indices(probs, labels)
+    assert mistakes == list(range(wrong))[::-1]  # every one, the most confident first
+    assert correct == [wrong, wrong + 1, wrong + 2, wrong + 5, wrong + 6]
 
 
 def test_html_report_escapes_what_it_did_not_write():
@@ -340,32 +351,44 @@ def test_html_report_escapes_what_it_did_not_write():
     assert "&lt;script&gt;" in page and "a&amp;b" in page
 
 
-def test_html_path_must_be_an_html_file(trained, tmp_path, capsys):
-    _, ckpt = trained
-    rc, out, err = run_evaluate(["--weights", ckpt, "--device", "cpu", "--output-dir",
-                                 tmp_path / "eval", "--html", tmp_path / "report.pdf"], capsys)
-    assert rc == 2 and out == "" and err.startswith("error: --html") and "ending in .html" in err
-    assert not (tmp_path / "eval").exists()
+@pytest.mark.parametrize("html, needle", [
+    ("report.pdf", "--html {page} needs one of the suffixes .html, .htm"),
+    ("a_folder.html", "--html {page} is a folder"),
+    ("a_file/report.html", "Cannot write {page}: {tmp}/a_file is a file, not a folder"),
+])
+def test_html_path_must_be_an_html_file_that_can_be_written(trained, tmp_path, html,
+                                                            needle):
+    data, ckpt = trained
+    (tmp_path / "a_folder.html").mkdir()
+    (tmp_path / "a_file").write_text("keep me")
+    page = tmp_path / html
+    rc, out, err = run_cli(evaluate.main, ["--weights", ckpt, "--data-path", data, "--device",
+                                           "cpu", "--output-dir", tmp_path / "eval", "--html",
+                                           page])
+    assert rc == 2 and out == "" and len(err.splitlines()) == 1, err
+    assert err.startswith("error: " + needle.format(page=page, tmp=tmp_path))
+    assert not (tmp_path / "eval").exists()  # refused before the evaluation
+    assert (tmp_path / "a_file").read_text() == "keep me"
 
 
-def test_output_dir_that_is_a_file_is_refused_before_the_work(trained, tmp_path, capsys):
+def test_output_dir_that_is_a_file_is_refused_before_the_work(trained, tmp_path):
     data, ckpt = trained
     in_the_way = tmp_path / "evaluation"
     in_the_way.write_text("keep me")
-    rc, out, err = run_evaluate(["--weights", ckpt, "--data-path", data, "--device", "cpu",
-                                 "--output-dir", in_the_way], capsys)
+    rc, out, err = run_cli(evaluate.main, ["--weights", ckpt, "--data-path", data, "--device",
+                                           "cpu", "--output-dir", in_the_way])
     assert rc == 2 and err.startswith("error: --output-dir") and len(err.splitlines()) == 1
     assert "accuracy" not in out and in_the_way.read_text() == "keep me"
 
 
-def test_negative_workers_is_bad_input(trained, tmp_path, capsys):
+def test_negative_workers_is_bad_input(trained, tmp_path):
     data, ckpt = trained
-    rc, _, err = run_evaluate(["--weights", ckpt, "--data-path", data, "--device", "cpu",
-                               "--workers", "-1", "--output-dir", tmp_path / "out"], capsys)
+    rc, _, err = run_cli(evaluate.main, ["--weights", ckpt, "--data-path", data, "--device", "cpu",
+                                         "--workers", "-1", "--output-dir", tmp_path / "out"])
     assert rc == 2 and err.startswith("error: --workers") and len(err.splitlines()) == 1
 
 
-def test_a_failed_write_is_one_error_line(trained, tmp_path, capsys, monkeypatch):
+def test_a_failed_write_is_one_error_line(trained, tmp_path, monkeypatch):
     data, ckpt = trained
     out_dir = tmp_path / "out"
 
@@ -373,8 +396,8 @@ def test_a_failed_write_is_one_error_line(trained, tmp_path, capsys, monkeypatch
         raise PermissionError(30, "Read-only file system", str(self))
 
     monkeypatch.setattr(Path, "write_text", read_only)
-    rc, out, err = run_evaluate(["--weights", ckpt, "--data-path", data, "--device", "cpu",
-                                 "--output-dir", out_dir], capsys)
+    rc, out, err = run_cli(evaluate.main, ["--weights", ckpt, "--data-path", data, "--device",
+                                           "cpu", "--output-dir", out_dir])
     assert rc == 1 and len(err.splitlines()) == 1, err
     assert err.startswith(f"error: Cannot write {out_dir / 'metrics.json'} (Read-only")
     assert "accuracy:" in out  # the numbers were printed before the write failed

@@ -129,3 +129,16 @@ def test_output_where_no_file_can_be_written(checkpoint, tmp_path, capsys, where
     assert rc == 2 and captured.err.startswith("error: ") and len(captured.err.splitlines()) == 1
     assert "Wrote" not in captured.out
     assert blocker.is_dir() or blocker.read_text() == "keep me"
+
+
+def test_a_file_torchs_writer_cannot_open_is_a_write_error_with_the_systems_reason(tmp_path):
+    from errors import WriteError
+
+    # The C++ writer's open() fails (a name longer than any file system allows) and reports
+    # it as a RuntimeError: the error names the file and the system's reason, in one line.
+    output = tmp_path / ("x" * 300 + ".pt")
+    with pytest.raises(WriteError) as caught:
+        export.export_torchscript(torch.nn.Linear(2, 2), torch.randn(1, 2), {}, output)
+    assert str(caught.value) == (f"Cannot write {output} (File name too long); check the folder "
+                                 f"and the free space.")
+    assert not any(tmp_path.iterdir())

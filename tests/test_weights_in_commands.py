@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 from weight_files import randomize_
 
 import convert
@@ -51,25 +52,18 @@ def weights_file(request, tmp_path: Path) -> Path:
     return hugging_face_folder(folder)
 
 
-def run(main, args: list, capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def test_every_command_builds_the_same_model(weights_file, demo_flowers, tmp_path, capsys):
+def test_every_command_builds_the_same_model(weights_file, demo_flowers, tmp_path):
     model, class_names = predict.load_classifier(weights_file, model_name=DEMO)
     assert class_names == CLASSES and model.model_args["img_size"] == 56
 
     converted = tmp_path / "converted.pth"
-    rc, _, err = run(convert.main, [weights_file, converted, "--model-name", DEMO], capsys)
+    rc, _, err = run_cli(convert.main, [weights_file, converted, "--model-name", DEMO])
     assert rc == 0, err
     assert read_weights(converted).model_args == model.model_args
 
     exported = tmp_path / "vit.pt"
-    rc, _, err = run(export.main, ["--weights", weights_file, "--model-name", DEMO,
-                                   "--output", exported], capsys)
+    rc, _, err = run_cli(export.main, ["--weights", weights_file, "--model-name", DEMO,
+                                       "--output", exported])
     assert rc == 0, err
     extra = {"config.json": ""}
     with warnings.catch_warnings():
@@ -85,14 +79,14 @@ def test_every_command_builds_the_same_model(weights_file, demo_flowers, tmp_pat
     image = demo_flowers / "roses" / "roses_0000.jpg"
     predictions, metrics = [], []
     for i, weights in enumerate((weights_file, converted)):
-        rc, out, err = run(predict.main, [image, "--weights", weights, "--model-name", DEMO,
-                                          "--device", "cpu", "--json"], capsys)
+        rc, out, err = run_cli(predict.main, [image, "--weights", weights, "--model-name", DEMO,
+                                              "--device", "cpu", "--json"])
         assert rc == 0, err
         predictions.append(json.loads(out))
         out_dir = tmp_path / f"evaluation{i}"
-        rc, _, err = run(evaluate.main, ["--weights", weights, "--model-name", DEMO,
-                                         "--data-path", demo_flowers, "--all", "--device", "cpu",
-                                         "--workers", "0", "--output-dir", out_dir], capsys)
+        rc, _, err = run_cli(evaluate.main, ["--weights", weights, "--model-name", DEMO,
+                                             "--data-path", demo_flowers, "--all", "--device",
+                                             "cpu", "--workers", "0", "--output-dir", out_dir])
         assert rc == 0, err
         report = json.loads((out_dir / "metrics.json").read_text())
         metrics.append({k: v for k, v in report.items() if k != "weights"})
@@ -102,7 +96,7 @@ def test_every_command_builds_the_same_model(weights_file, demo_flowers, tmp_pat
 
 @pytest.mark.parametrize("command", ["predict", "evaluate", "export"])
 def test_a_file_for_another_model_is_one_line_naming_the_model_that_fits(
-        command, demo_flowers, tmp_path, capsys):
+        command, demo_flowers, tmp_path):
     """A state dict trained at --img-size 56, used with the default --model-name (ViT-B/16)."""
     weights = demo_state_dict_at_56(tmp_path)
     args = {"predict": (predict.main, [demo_flowers / "roses" / "roses_0000.jpg"]),
@@ -111,7 +105,7 @@ def test_a_file_for_another_model_is_one_line_naming_the_model_that_fits(
             "export": (export.main, ["--output", tmp_path / "out" / "vit.pt"])}
     main, extra = args[command]
     device = [] if command == "export" else ["--device", "cpu"]
-    rc, _, err = run(main, [*extra, "--weights", weights, *device], capsys)
+    rc, _, err = run_cli(main, [*extra, "--weights", weights, *device])
     assert rc == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
     assert "7x7 grid of 8 px patches" in err and f"pass --model-name {DEMO}" in err
     assert not (tmp_path / "out").exists()
