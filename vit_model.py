@@ -157,6 +157,14 @@ class Block(nn.Module):
         return (x, attn) if return_attention else x
 
 
+# The constructor arguments a checkpoint records (VisionTransformer.model_args) so that they
+# alone build the same network again; fused_attn is left out, a speed switch that changes no
+# weight.
+MODEL_ARG_NAMES = ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth",
+                   "num_heads", "mlp_ratio", "qkv_bias", "representation_size", "drop_rate",
+                   "attn_drop_rate", "drop_path_rate", "layer_norm_eps")
+
+
 class VisionTransformer(nn.Module):
     """ViT: patch embedding, class token and position embedding, encoder, head.
 
@@ -188,14 +196,10 @@ class VisionTransformer(nn.Module):
                  representation_size: int | None = None, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  layer_norm_eps: float = 1e-6, fused_attn: bool = True) -> None:
+        arguments = locals()  # read first, while it holds the arguments alone
         super().__init__()
         # Everything needed to build the same network again; checkpoints store it.
-        self.model_args = dict(
-            img_size=img_size, patch_size=patch_size, in_chans=in_chans,
-            num_classes=num_classes, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-            mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, representation_size=representation_size,
-            drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate,
-            layer_norm_eps=layer_norm_eps)
+        self.model_args = {name: arguments[name] for name in MODEL_ARG_NAMES}
         self.num_classes = num_classes
         self.embed_dim = embed_dim
         # The reproduced repository's name: True when a pre-logits layer sits before the head.
