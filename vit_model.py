@@ -49,9 +49,11 @@ class PatchEmbed(nn.Module):
         _, _, height, width = x.shape
         if (height, width) != self.img_size:
             expected_h, expected_w = self.img_size
+            # A square input may instead get a model of its size; VisionTransformer is square.
+            rebuild = f" or build the model with img_size={height}" if height == width else ""
             raise ValueError(f"Input image size ({height}x{width}) does not match the model "
-                             f"({expected_h}x{expected_w}); resize it or build the model "
-                             f"with img_size={height}.")
+                             f"({expected_h}x{expected_w}); resize it to "
+                             f"{expected_h}x{expected_w}{rebuild}.")
         x = self.proj(x)                      # (B, C, H/p, W/p)
         return x.flatten(2).transpose(1, 2)   # (B, N, C)
 
