@@ -49,11 +49,11 @@ class PatchEmbed(nn.Module):
         _, _, height, width = x.shape
         if (height, width) != self.img_size:
             expected_h, expected_w = self.img_size
-            # A square input may instead get a model of its size; VisionTransformer is square.
-            rebuild = f" or build the model with img_size={height}" if height == width else ""
+            fitting = height if height == width else (height, width)  # an int is a square
             raise ValueError(f"Input image size ({height}x{width}) does not match the model "
                              f"({expected_h}x{expected_w}); resize it to "
-                             f"{expected_h}x{expected_w}{rebuild}.")
+                             f"{expected_h}x{expected_w} or build the model with "
+                             f"img_size={fitting}.")
         x = self.proj(x)                      # (B, C, H/p, W/p)
         return x.flatten(2).transpose(1, 2)   # (B, N, C)
 
@@ -171,7 +171,7 @@ class VisionTransformer(nn.Module):
     """ViT: patch embedding, class token and position embedding, encoder, head.
 
     Args:
-        img_size: side of the square input image in pixels.
+        img_size: side of the square input image in pixels, or its (height, width).
         patch_size: side of a square patch; img_size must be a multiple of it.
         in_chans: input channels.
         num_classes: outputs of the head; 0 gives no head (returns features).
@@ -192,8 +192,8 @@ class VisionTransformer(nn.Module):
             the explicit softmax, faster, less memory).
     """
 
-    def __init__(self, *, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
-                 num_classes: int = 1000, embed_dim: int = 768, depth: int = 12,
+    def __init__(self, *, img_size: int | tuple[int, int] = 224, patch_size: int = 16,
+                 in_chans: int = 3, num_classes: int = 1000, embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  representation_size: int | None = None, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
