@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoints import Checkpoint, is_project_checkpoint
+from checkpoints import UNREADABLE_TORCH_FILE, Checkpoint, is_project_checkpoint
 from errors import UserError, WeightsError
 from vit_model import MODEL_ARG_NAMES, VisionTransformer, create_model, list_models
 
@@ -167,8 +167,7 @@ def _torch_load(path: Path) -> object:
             f"{path} holds a Python object ({culprit.group(1)}) besides tensors, and "
             f"unpickling it could run code; refusing to load it. If you trust the file, load "
             f"it yourself and save only the state dict.") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError,
-            IndexError) as err:
+    except UNREADABLE_TORCH_FILE as err:
         raise _damaged(path, "PyTorch file", type(err).__name__) from None
 
 
