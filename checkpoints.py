@@ -36,11 +36,14 @@ T = TypeVar("T")
 # and teach from_dict to read the older versions.
 FORMAT_VERSION = 1
 
+# train.py's --output-dir, where predict.py and evaluate.py look for weights by default.
+DEFAULT_OUTPUT_DIR = "weights"
 # The files a training run writes into its output folder.
 BEST_FILE = "best.pth"                    # the epoch with the highest validation accuracy
 INTERRUPTED_FILE = "interrupted.pth"      # the weights at Ctrl-C; no optimizer state
 CLASS_INDICES_FILE = "class_indices.json"  # {"0": "daisy", ...}, as the reproduced repository
 _EPOCH_PREFIX, _SUFFIX = "model-", ".pth"
+EPOCH_FILES = f"{_EPOCH_PREFIX}*{_SUFFIX}"  # the glob of the epoch checkpoints, epoch_file(n)
 LOCK_FILE = ".train.lock"               # held by the run writing into the folder
 
 
@@ -275,7 +278,7 @@ def load_resumable(path: Path) -> Checkpoint:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except UNREADABLE_TORCH_FILE as err:  # a truncated file, or not a checkpoint at all
         raise UserError(f"--resume {path} cannot be read ({type(err).__name__}); pick an "
-                        f"earlier {_EPOCH_PREFIX}*{_SUFFIX}.") from None
+                        f"earlier {EPOCH_FILES}.") from None
     checkpoint = Checkpoint.from_dict(obj) if is_project_checkpoint(obj) else None
     if checkpoint is None or not checkpoint.resumable:
         raise UserError(f"{path} is not an epoch checkpoint of train.py (it has no optimizer "
@@ -288,7 +291,7 @@ def load_resumable(path: Path) -> Checkpoint:
 def epoch_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
     """(epoch, path) of every model-{epoch}.pth in folder, oldest first."""
     found = []
-    for path in Path(folder).glob(f"{_EPOCH_PREFIX}*{_SUFFIX}"):
+    for path in Path(folder).glob(EPOCH_FILES):
         try:
             found.append((int(path.stem.removeprefix(_EPOCH_PREFIX)), path))
         except ValueError:
