@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import train
-from checkpoints import BEST_FILE, epoch_file, read_progress
+from checkpoints import BEST_FILE, DEFAULT_OUTPUT_DIR, epoch_file, read_progress
 from cli import run_main
 from demo_data import make_demo_flowers
 from download import FLOWERS_DIR
@@ -92,7 +92,7 @@ def scaled(epochs: int, scale: float) -> int:
 
 
 def run_folder(out: Path, name: str) -> tuple[Path, Path]:
-    return out / name / "weights", out / name / "runs"
+    return out / name / DEFAULT_OUTPUT_DIR, out / name / "runs"
 
 
 def train_argv(run: Run, args: argparse.Namespace, out: Path, pretrained: str) -> list[str]:
