@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import random
 import shutil
-import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
@@ -29,7 +27,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from errors import UserError
+from errors import UserError, writing
 from errors import write_error as _write_error
 
 T = TypeVar("T")
@@ -38,11 +36,14 @@ T = TypeVar("T")
 # and teach from_dict to read the older versions.
 FORMAT_VERSION = 1
 
+# train.py's --output-dir, where predict.py and evaluate.py look for weights by default.
+DEFAULT_OUTPUT_DIR = "weights"
 # The files a training run writes into its output folder.
 BEST_FILE = "best.pth"                    # the epoch with the highest validation accuracy
 INTERRUPTED_FILE = "interrupted.pth"      # the weights at Ctrl-C; no optimizer state
 CLASS_INDICES_FILE = "class_indices.json"  # {"0": "daisy", ...}, as the reproduced repository
 _EPOCH_PREFIX, _SUFFIX = "model-", ".pth"
+EPOCH_FILES = f"{_EPOCH_PREFIX}*{_SUFFIX}"  # the glob of the epoch checkpoints, epoch_file(n)
 LOCK_FILE = ".train.lock"               # held by the run writing into the folder
 
 
@@ -56,9 +57,10 @@ class Checkpoint:
     """One checkpoint file's content; None (or empty) where a kind of checkpoint has no value.
 
     Every checkpoint has model and model_args. train.py's epoch checkpoints have all the
-    rest but source_format; its interrupted.pth has no training state (optimizer ... samples)
-    and metrics {}; convert.py's have model, model_args, model_name, class_names and
-    source_format.
+    rest but interrupted_in_epoch and source_format, and scaler only when training in float16.
+    Its interrupted.pth has model_name, class_names, epoch, args, interrupted_in_epoch and
+    metrics {}: no best_acc and no training state (optimizer ... samples). convert.py's have
+    model_name, class_names (when its source has them) and source_format.
     """
 
     # The plain model's state_dict: parameter names as vit_model.py's, no "module." or
@@ -147,10 +149,8 @@ def save_checkpoint(checkpoint: Checkpoint | dict, path: str | Path) -> None:
     """torch.save atomically; a Checkpoint as its dict, any other dict (a bare state dict) as is."""
     path = Path(path)
     obj = checkpoint.to_dict() if isinstance(checkpoint, Checkpoint) else checkpoint
-    try:
+    with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise _write_error(path, err) from None
     _write_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
@@ -237,8 +237,12 @@ class CheckpointWriter:
 
 # --------------------------------------------------------------------------- reading
 
-_NOT_A_TORCH_FILE = (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError,
-                     zipfile.BadZipFile)
+# What torch.load(weights_only=True) raises for a file that is no torch file, or a truncated
+# or damaged one. Not a short list: besides OSError, RuntimeError (the zip reader) and
+# pickle.UnpicklingError, the unpickler lets its own failures through, and flipping bytes of a
+# checkpoint turned up IndexError, struct.error, UnicodeDecodeError and AssertionError. The
+# callers wrap only torch.load, so the broad catch hides no error of ours.
+UNREADABLE_TORCH_FILE = (Exception,)
 
 
 def peek_checkpoint(path: str | Path) -> Checkpoint | None:
@@ -249,7 +253,7 @@ def peek_checkpoint(path: str | Path) -> Checkpoint | None:
     """
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except _NOT_A_TORCH_FILE:
+    except UNREADABLE_TORCH_FILE:
         return None
     return Checkpoint.from_dict(obj) if is_project_checkpoint(obj) else None
 
@@ -272,9 +276,9 @@ def load_resumable(path: Path) -> Checkpoint:
     """An epoch checkpoint to continue training from, read whole onto the CPU."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated file, or not a checkpoint at all
+    except UNREADABLE_TORCH_FILE as err:  # a truncated file, or not a checkpoint at all
         raise UserError(f"--resume {path} cannot be read ({type(err).__name__}); pick an "
-                        f"earlier {_EPOCH_PREFIX}*{_SUFFIX}.") from None
+                        f"earlier {EPOCH_FILES}.") from None
     checkpoint = Checkpoint.from_dict(obj) if is_project_checkpoint(obj) else None
     if checkpoint is None or not checkpoint.resumable:
         raise UserError(f"{path} is not an epoch checkpoint of train.py (it has no optimizer "
@@ -287,7 +291,7 @@ def load_resumable(path: Path) -> Checkpoint:
 def epoch_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
     """(epoch, path) of every model-{epoch}.pth in folder, oldest first."""
     found = []
-    for path in Path(folder).glob(f"{_EPOCH_PREFIX}*{_SUFFIX}"):
+    for path in Path(folder).glob(EPOCH_FILES):
         try:
             found.append((int(path.stem.removeprefix(_EPOCH_PREFIX)), path))
         except ValueError:

@@ -43,8 +43,8 @@ def run_main(run: Callable[[argparse.Namespace], int], args: argparse.Namespace)
         return 130
 
 
-def add_device_flag(parser: argparse.ArgumentParser, default: str = "cuda:0") -> None:
-    parser.add_argument("--device", default=default,
+def add_device_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cuda:0",
                         help="cuda:N, cpu or mps (default: %(default)s; the CPU when CUDA is "
                              "absent)")
 
@@ -61,11 +61,13 @@ def add_model_name_flag(parser: argparse.ArgumentParser,
 
 def add_weights_flags(parser: argparse.ArgumentParser) -> None:
     """--weights, --class-indices and --model-name, for the scripts that read a trained model."""
+    from checkpoints import BEST_FILE, CLASS_INDICES_FILE, DEFAULT_OUTPUT_DIR, EPOCH_FILES
+
     parser.add_argument("--weights", default=None,
                         help="checkpoint, or any weights file or Hugging Face folder that "
-                             "weights.py reads (default: best.pth in ./weights, else the "
-                             "newest model-*.pth there)")
+                             f"weights.py reads (default: {BEST_FILE} in ./{DEFAULT_OUTPUT_DIR}, "
+                             f"else the newest {EPOCH_FILES} there)")
     parser.add_argument("--class-indices", default=None,
-                        help="class_indices.json, needed only for weights that do not name "
+                        help=f"{CLASS_INDICES_FILE}, needed only for weights that do not name "
                              "their classes (default: beside the weights, else ./)")
     add_model_name_flag(parser)

@@ -34,12 +34,13 @@ from typing import BinaryIO, NamedTuple
 from tqdm import tqdm
 
 from cli import run_main
-from errors import DownloadError, check_output_file, write_error
+from errors import DownloadError, UserError, check_output_file, write_error
 
 FLOWERS_URL = (
     "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
 )
 FLOWERS_DIR = "flower_photos"  # the folder the archive unpacks to
+FLOWERS_ARCHIVE = f"{FLOWERS_DIR}.tgz"  # the archive's local name while it is unpacked
 # The published archive: 3670 JPEGs in five class folders (plus a LICENSE.txt).
 FLOWER_CLASS_COUNTS = {
     "daisy": 633,
@@ -304,8 +305,8 @@ def download_flowers(
     if root.exists():
         check_flowers(root, expected)
         return root
-    archive = download_file(url, dest / "flower_photos.tgz", progress=progress)
-    tmp = Path(tempfile.mkdtemp(prefix=".flower_photos-", dir=dest))
+    archive = download_file(url, dest / FLOWERS_ARCHIVE, progress=progress)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{FLOWERS_DIR}-", dir=dest))
     try:
         safe_extract_tar(archive, tmp)
         extracted = tmp / FLOWERS_DIR
@@ -396,7 +397,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     progress = sys.stderr.isatty()  # keep logs free of progress-bar redraws
     if args.command == "flowers":
-        check_output_file(args.dest / "flower_photos.tgz", "--dest")
+        archive = args.dest / FLOWERS_ARCHIVE
+        if archive.is_dir():
+            # check_output_file would name the archive as if the user had passed it.
+            raise UserError(f"{archive} is a folder in the way of the download; move it or "
+                            f"pick another --dest.")
+        check_output_file(archive, "--dest")
         existed = (args.dest / FLOWERS_DIR).exists()
         root = download_flowers(args.dest, args.url, progress=progress)
         counts = check_flowers(root)

@@ -15,7 +15,6 @@ built on the meta device, so nothing is computed and even ViT-H/14 is counted in
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -80,11 +79,6 @@ def print_attention_comparison() -> None:
 # --------------------------------------------------------------------------- model
 
 
-def patch_size_of(model: VisionTransformer) -> tuple[int, int]:
-    # The patch embedding's kernel is the patch, (height, width), whatever PatchEmbed stores.
-    return tuple(model.patch_embed.proj.kernel_size)
-
-
 def build_on_meta(model_name: str, **overrides) -> VisionTransformer:
     """The model with its shapes but no storage, and with the explicit attention path."""
     with torch.device("meta"):
@@ -133,25 +127,20 @@ def human(n: int) -> str:
     return str(n)
 
 
-def _model_input_size(model: VisionTransformer) -> tuple[int, int]:
-    img_size = model.patch_embed.img_size
-    return tuple(img_size) if isinstance(img_size, Sequence) else (img_size, img_size)
-
-
 def print_model_table(model_name: str, img_size: int | None, num_classes: int | None) -> None:
     overrides = {} if num_classes is None else {"num_classes": num_classes}
     model = build_on_meta(model_name, **overrides)
-    patch_h, patch_w = patch_size_of(model)
+    patch_h, patch_w = model.patch_embed.patch_size  # PatchEmbed keeps (h, w) pairs
     if img_size is not None:
         if img_size <= 0 or img_size % patch_h or img_size % patch_w:
             patch = str(patch_h) if patch_h == patch_w else f"{patch_h}x{patch_w}"
             raise UserError(f"--img-size {img_size} must be a positive multiple of "
                             f"{model_name}'s patch size, {patch}.")
         model = build_on_meta(model_name, img_size=img_size, **overrides)
-    size = (img_size, img_size) if img_size is not None else _model_input_size(model)
-    grid = (size[0] // patch_h, size[1] // patch_w)
+    size, grid = model.patch_embed.img_size, model.patch_embed.grid_size
     print(f"{model_name} at {size[0]}x{size[1]}: {grid[0]}x{grid[1]} patches of "
-          f"{patch_h}x{patch_w}, {grid[0] * grid[1] + 1} tokens, {model.num_classes} classes.")
+          f"{patch_h}x{patch_w}, {model.patch_embed.num_patches + 1} tokens, "
+          f"{model.num_classes} classes.")
     print(f"FLOPs per image; {CONVENTION}.")
     print(f"{'stage':<44} {'params':>10} {'FLOPs':>10}")
     for label, params, flops in stage_table(model, size):

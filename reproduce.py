@@ -32,9 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import train
-from checkpoints import BEST_FILE, epoch_file, read_progress
+from checkpoints import BEST_FILE, DEFAULT_OUTPUT_DIR, epoch_file, read_progress
 from cli import run_main
 from demo_data import make_demo_flowers
+from download import FLOWERS_DIR
 from errors import ProjectError, UserError, check_output_file, writing
 
 
@@ -66,7 +67,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         epilog="Arguments after -- are passed to every train.py call.")
     parser.add_argument("--out", default="./reproduce", help="folder for the runs and results")
     parser.add_argument("--data-path", default=None,
-                        help="flower_photos (default: ./flower_photos; with --quick "
+                        help=f"flower_photos (default: ./{FLOWERS_DIR}; with --quick "
                              f"{train.DEMO_DATA}, generated when missing)")
     parser.add_argument("--weights", default=train.DEFAULT_WEIGHTS,
                         help="ImageNet-21k ViT-B/16 weights for runs 1 and 2 "
@@ -91,7 +92,7 @@ def scaled(epochs: int, scale: float) -> int:
 
 
 def run_folder(out: Path, name: str) -> tuple[Path, Path]:
-    return out / name / "weights", out / name / "runs"
+    return out / name / DEFAULT_OUTPUT_DIR, out / name / "runs"
 
 
 def train_argv(run: Run, args: argparse.Namespace, out: Path, pretrained: str) -> list[str]:
@@ -216,7 +217,7 @@ def run_all(args: argparse.Namespace, extra: list[str], command: str) -> int:
             *common, *extra])
         pretrained = str(pretrain_dir / BEST_FILE)
     else:
-        args.data_path = args.data_path or "./flower_photos"
+        args.data_path = args.data_path or f"./{FLOWERS_DIR}"
         if not Path(args.data_path).is_dir():
             raise UserError(f"Data folder {args.data_path} does not exist: python download.py "
                             f"flowers, or pass --data-path (or --quick for synthetic data).")

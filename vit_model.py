@@ -49,9 +49,11 @@ class PatchEmbed(nn.Module):
         _, _, height, width = x.shape
         if (height, width) != self.img_size:
             expected_h, expected_w = self.img_size
+            fitting = height if height == width else (height, width)  # an int is a square
             raise ValueError(f"Input image size ({height}x{width}) does not match the model "
-                             f"({expected_h}x{expected_w}); resize it or build the model "
-                             f"with img_size={height}.")
+                             f"({expected_h}x{expected_w}); resize it to "
+                             f"{expected_h}x{expected_w} or build the model with "
+                             f"img_size={fitting}.")
         x = self.proj(x)                      # (B, C, H/p, W/p)
         return x.flatten(2).transpose(1, 2)   # (B, N, C)
 
@@ -157,11 +159,19 @@ class Block(nn.Module):
         return (x, attn) if return_attention else x
 
 
+# The constructor arguments a checkpoint records (VisionTransformer.model_args) so that they
+# alone build the same network again; fused_attn is left out, a speed switch that changes no
+# weight.
+MODEL_ARG_NAMES = ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth",
+                   "num_heads", "mlp_ratio", "qkv_bias", "representation_size", "drop_rate",
+                   "attn_drop_rate", "drop_path_rate", "layer_norm_eps")
+
+
 class VisionTransformer(nn.Module):
     """ViT: patch embedding, class token and position embedding, encoder, head.
 
     Args:
-        img_size: side of the square input image in pixels.
+        img_size: side of the square input image in pixels, or its (height, width).
         patch_size: side of a square patch; img_size must be a multiple of it.
         in_chans: input channels.
         num_classes: outputs of the head; 0 gives no head (returns features).
@@ -182,20 +192,16 @@ class VisionTransformer(nn.Module):
             the explicit softmax, faster, less memory).
     """
 
-    def __init__(self, *, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
-                 num_classes: int = 1000, embed_dim: int = 768, depth: int = 12,
+    def __init__(self, *, img_size: int | tuple[int, int] = 224, patch_size: int = 16,
+                 in_chans: int = 3, num_classes: int = 1000, embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  representation_size: int | None = None, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  layer_norm_eps: float = 1e-6, fused_attn: bool = True) -> None:
+        arguments = locals()  # read first, while it holds the arguments alone
         super().__init__()
         # Everything needed to build the same network again; checkpoints store it.
-        self.model_args = dict(
-            img_size=img_size, patch_size=patch_size, in_chans=in_chans,
-            num_classes=num_classes, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-            mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, representation_size=representation_size,
-            drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate,
-            layer_norm_eps=layer_norm_eps)
+        self.model_args = {name: arguments[name] for name in MODEL_ARG_NAMES}
         self.num_classes = num_classes
         self.embed_dim = embed_dim
         # The reproduced repository's name: True when a pre-logits layer sits before the head.

@@ -25,7 +25,6 @@ user can act on.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import pickle
@@ -41,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoints import Checkpoint, is_project_checkpoint
+from checkpoints import UNREADABLE_TORCH_FILE, Checkpoint, is_project_checkpoint
 from errors import UserError, WeightsError
-from vit_model import VisionTransformer, create_model, list_models
+from vit_model import MODEL_ARG_NAMES, VisionTransformer, create_model, list_models
 
 # Prefixes that wrappers add to every key: DataParallel / DDP, torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -73,7 +72,7 @@ class Weights:
     def complete_args(self) -> bool:
         """Whether model_args name every VisionTransformer argument, so they alone rebuild
         the model the file was saved from (this project's checkpoints)."""
-        return _model_arg_names() <= set(self.model_args)
+        return set(MODEL_ARG_NAMES) <= set(self.model_args)
 
 
 def read_weights(path: str | Path) -> Weights:
@@ -108,15 +107,10 @@ def read_weights(path: str | Path) -> Weights:
     return _to_project_names(tensors, path, container)
 
 
-def _model_arg_names() -> set[str]:
-    """The arguments VisionTransformer.model_args records (fused_attn is a speed switch)."""
-    return set(inspect.signature(VisionTransformer).parameters) - {"fused_attn"}
-
-
 def _checked_model_args(model_args: object, path: Path) -> dict:
     """A checkpoint's model_args, if they are VisionTransformer's arguments by name."""
     if isinstance(model_args, dict):
-        unknown = sorted(str(k) for k in model_args if k not in _model_arg_names())
+        unknown = sorted(str(k) for k in model_args if k not in MODEL_ARG_NAMES)
         if not unknown:
             return dict(model_args)
         what = f"names {_first(unknown)}, which are not arguments of the model"
@@ -173,8 +167,7 @@ def _torch_load(path: Path) -> object:
             f"{path} holds a Python object ({culprit.group(1)}) besides tensors, and "
             f"unpickling it could run code; refusing to load it. If you trust the file, load "
             f"it yourself and save only the state dict.") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError,
-            IndexError) as err:
+    except UNREADABLE_TORCH_FILE as err:
         raise _damaged(path, "PyTorch file", type(err).__name__) from None
 
 

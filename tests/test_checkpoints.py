@@ -26,7 +26,7 @@ from checkpoints import (
     save_checkpoint,
     training_state,
 )
-from errors import UserError, WriteError
+from errors import UserError, WeightsError, WriteError
 from vit_model import VisionTransformer
 from weights import read_weights
 
@@ -120,12 +120,35 @@ def test_a_newer_format_and_files_that_are_no_checkpoint(tmp_path):
     for name in ("bare.pth", "text.pth", "missing.pth"):
         assert peek_checkpoint(tmp_path / name) is None
         assert read_progress(tmp_path / name) is None and read_train_args(tmp_path / name) == {}
+    save_checkpoint(Checkpoint(model=model.state_dict(), model_args=model.model_args),
+                    tmp_path / "weights-only.pth")
     with pytest.raises(UserError, match="no optimizer state"):
-        save_checkpoint(Checkpoint(model=model.state_dict(), model_args=model.model_args),
-                        tmp_path / "weights-only.pth")
         load_resumable(tmp_path / "weights-only.pth")
     with pytest.raises(UserError, match="cannot be read"):
         load_resumable(tmp_path / "text.pth")
+
+
+def test_a_damaged_pickle_inside_a_checkpoint_is_unreadable_not_a_crash(tmp_path):
+    """The weights-only unpickler lets IndexError through for this one; every reader of a
+    torch file turns it into its own answer."""
+    import zipfile
+
+    good, damaged = tmp_path / "good.pth", tmp_path / "model-0.pth"
+    model = tiny_model()
+    save_checkpoint(Checkpoint(model=model.state_dict(), model_args=model.model_args, epoch=0,
+                               metrics={"val_acc": 0.5}), good)
+    assert read_progress(good) == (0, {"val_acc": 0.5})
+    with zipfile.ZipFile(good) as source, zipfile.ZipFile(damaged, "w") as target:
+        for member in source.infolist():
+            data = source.read(member)
+            # A SETITEM with no dict beneath its key and value: "list index out of range".
+            target.writestr(member, b"\x80\x02K\x01K\x02s." if member.filename.endswith(
+                "/data.pkl") else data)
+    assert peek_checkpoint(damaged) is None and read_progress(damaged) is None
+    with pytest.raises(UserError, match=r"cannot be read \(IndexError\)"):
+        load_resumable(damaged)
+    with pytest.raises(WeightsError, match="not a readable PyTorch file \\(IndexError\\)"):
+        read_weights(damaged)
 
 
 def test_a_failed_write_says_so_and_leaves_no_temporary_file(tmp_path):
@@ -211,9 +234,6 @@ def test_a_small_file_write_that_dies_halfway_leaves_the_old_file(tmp_path, monk
 
 def test_a_failed_cleanup_does_not_hide_the_write_error(tmp_path):
     """The folder is a file: neither the checkpoint nor its temporary file can be made."""
-    from checkpoints import save_checkpoint
-    from errors import WriteError
-
     (tmp_path / "file").write_text("keep me")
     with pytest.raises(WriteError, match="Cannot write"):
         save_checkpoint({"w": torch.zeros(1)}, tmp_path / "file" / "model-0.pth")

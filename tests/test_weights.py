@@ -31,7 +31,7 @@ from weight_files import (
     timm_vit,
 )
 
-from vit_model import VisionTransformer, create_model
+from vit_model import MODEL_ARG_NAMES, VisionTransformer, create_model
 from weights import (
     LoadReport,
     WeightsError,
@@ -539,6 +539,18 @@ def assert_same_model(model: VisionTransformer, source: VisionTransformer) -> No
     x = images(size=source.model_args["img_size"])
     with torch.no_grad():
         assert_same_outputs(model(x), source(x))
+
+
+def test_model_args_are_every_constructor_argument_but_the_speed_switch():
+    """complete_args relies on MODEL_ARG_NAMES naming all that shapes or trains the model."""
+    import inspect
+    assert set(MODEL_ARG_NAMES) == set(inspect.signature(VisionTransformer).parameters) - {
+        "fused_attn"}
+    arguments = {**TINY, "num_classes": 3, "mlp_ratio": 2.0, "qkv_bias": False,
+                 "representation_size": 16, "drop_rate": 0.1, "attn_drop_rate": 0.2,
+                 "drop_path_rate": 0.3, "layer_norm_eps": 1e-5, "in_chans": 1}
+    model = VisionTransformer(**arguments, fused_attn=False)
+    assert model.model_args == arguments and tuple(model.model_args) == MODEL_ARG_NAMES
 
 
 def test_this_projects_checkpoint_rebuilds_from_its_model_args(tmp_path):
