@@ -118,8 +118,6 @@ class CachedTokens:
             tokens.append(backbone_pass(self.model, images, amp_dtype).to(keep_on))
             labels.append(batch_labels)
         self.tokens = torch.cat(tokens)
-        if keep_on != self.device:
-            self.tokens = self.tokens.pin_memory()  # copies to the GPU then overlap
         self.labels = torch.cat(labels)
 
     def _place(self, count: int) -> torch.device:
@@ -129,7 +127,7 @@ class CachedTokens:
         place, where = self.device, f"on {self.device}"
         if self.device.type == "cuda" and size > DEVICE_SHARE * torch.cuda.mem_get_info(
                 self.device)[0]:
-            place, where = torch.device("cpu"), "in pinned host memory"
+            place, where = torch.device("cpu"), "in host memory"
         self.log(f"Training features: {count} class tokens ({size / 2**20:.1f} MiB) "
                  f"computed once and kept {where}.")
         return place

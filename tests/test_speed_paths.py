@@ -269,6 +269,6 @@ def test_cached_training_features_stay_on_the_gpu_only_where_they_fit(monkeypatc
         model = create_model("vit_base_patch16_224")
     cache = CachedTokens(model, 128, torch.device("cuda"), notes.append)
     assert cache._place(10_000).type == kept_on
-    where = "on cuda" if kept_on == "cuda" else "in pinned host memory"
+    where = "on cuda" if kept_on == "cuda" else "in host memory"
     assert notes == [f"Training features: 10000 class tokens (29.3 MiB) computed once and "
                      f"kept {where}."]
