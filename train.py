@@ -175,7 +175,7 @@ def add_speed_options(parser: argparse.ArgumentParser) -> None:
     speed.add_argument("--cache-val-features", action=argparse.BooleanOptionalAction,
                        default=True, help="with a frozen backbone, compute the validation "
                                           "features once and run only the head afterwards")
-    speed.add_argument("--frozen-batch", type=non_negative_int, default=None, metavar="N",
+    speed.add_argument("--frozen-batch", type=int, default=0, metavar="N",
                        help="with a frozen backbone, run it over N images' worth of training "
                             "batches at once, then take the head's steps in --batch-size "
                             "batches (the same updates). Default 0, one backbone pass per "
@@ -191,13 +191,6 @@ def add_speed_options(parser: argparse.ArgumentParser) -> None:
                        default=False,
                        help="recompute each block's activations in the backward pass: less "
                             "memory for about one more forward pass per step")
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -332,6 +325,7 @@ def range_problems(args: argparse.Namespace) -> list[str]:
          f"--val-batch-size must be at least 1, got {args.val_batch_size}."),
         (args.workers is None or args.workers >= 0,
          f"--workers must be 0 or more, got {args.workers}."),
+        (args.frozen_batch >= 0, f"--frozen-batch must be 0 or more, got {args.frozen_batch}."),
         (args.num_classes is None or args.num_classes >= 1,
          f"--num-classes must be at least 1, got {args.num_classes}."),
         (args.keep is None or args.keep >= 1,
