@@ -837,8 +837,20 @@ class RunOutputs:
         chosen = [len(split.val_images) * i // count for i in range(count)]
         self.attention_paths = [split.val_images[i] for i in chosen]
         self.attention_titles = [split.class_names[split.val_labels[i]] for i in chosen]
+        self.exif_transpose = args.exif_transpose
+        self.attention_batch: torch.Tensor | None = None  # read on first use, then kept
         self.attention_fixed = args.freeze_layers
         self.attention_picture: Future[np.ndarray] | None = None  # kept when fixed
+
+    def attention_images(self, image_size: int) -> torch.Tensor:
+        """The fixed validation images as validation sees them, (N, 3, H, W) at the model's
+        input size: read from disk on the first call, the same tensor every later one."""
+        if self.attention_batch is None:
+            images = MyDataSet(self.attention_paths, [0] * len(self.attention_paths),
+                               build_transforms(image_size, train=False),
+                               exif_transpose=self.exif_transpose)
+            self.attention_batch = torch.stack([image for image, _ in images])
+        return self.attention_batch
 
     def attention_rollout(self, epoch: int, model: VisionTransformer,
                           device: torch.device) -> None:
@@ -849,9 +861,7 @@ class RunOutputs:
         is computed and drawn once, and the same picture is logged for every epoch.
         """
         if self.attention_picture is None:
-            images = MyDataSet(self.attention_paths, [0] * len(self.attention_paths),
-                               build_transforms(model.image_size, train=False))
-            batch = torch.stack([image for image, _ in images])
+            batch = self.attention_images(model.image_size)
             was_training = model.training
             with torch.no_grad():
                 rollout = attention_rollout(model.eval().attention_maps(batch.to(device))).cpu()

@@ -6,10 +6,13 @@ import io
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 import train
 from demo_data import make_demo_flowers
+from my_dataset import MyDataSet, build_transforms, unnormalize
+from utils import Split
 from vit_model import VisionTransformer
 
 
@@ -49,3 +52,35 @@ def test_attention_rollout_image_each_epoch(tmp_path: Path, monkeypatch, freeze:
         assert len({image.encoded_image_string for image in images}) == 1
     else:
         assert passes == [4, 4, 4]
+
+
+@pytest.mark.parametrize("flag", ["--exif-transpose", "--no-exif-transpose"])
+def test_attention_images_are_read_once_and_turned_as_validation_turns_them(tmp_path: Path,
+                                                                           flag: str):
+    # A phone photo: upright red on the left, stored turned with EXIF orientation 6.
+    photo = tmp_path / "phone.jpg"
+    upright = Image.new("RGB", (48, 32), (0, 0, 255))
+    upright.paste((255, 0, 0), (0, 0, 16, 32))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright.transpose(Image.Transpose.ROTATE_90).save(photo, quality=95, exif=exif)
+    split = Split(["a"], [photo], [0], [photo], [0])
+    args = train.get_args_parser().parse_args(
+        [flag, "--no-freeze-layers", "--output-dir", str(tmp_path / "weights")])
+    validation = MyDataSet([photo], [0], build_transforms(32, train=False),
+                           exif_transpose=args.exif_transpose)
+    outputs = train.RunOutputs(args, split, tmp_path / "runs")
+    try:
+        batch = outputs.attention_images(32)
+        torch.testing.assert_close(batch[0], validation[0][0], rtol=0, atol=0)
+        red_on_the_left = unnormalize(batch)[0, 0][:, :4].mean() > 0.9
+        assert red_on_the_left == (flag == "--exif-transpose")
+        photo.unlink()  # every later epoch's rollout reuses the images read once
+        model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1,
+                                  num_heads=2, num_classes=1)
+        for epoch in range(2):
+            outputs.attention_rollout(epoch, model, torch.device("cpu"))
+        outputs.saver.wait()
+        assert outputs.attention_images(32) is batch
+    finally:
+        outputs.close()
