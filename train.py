@@ -730,9 +730,15 @@ class Wrappers:
 
 def wrap_for_training(model: VisionTransformer, args: argparse.Namespace, setup: Setup,
                       settings: StepSettings) -> Wrappers:
-    """torch.compile, then DDP around it (as nanoGPT and torchvision), then CUDA graphs:
-    with --compile, CudaGraphModel captures the compiled module (cuda_graphs.py says why
-    this and not mode="reduce-overhead"). The plain model stays what is saved."""
+    """--grad-checkpointing on the plain model, then torch.compile, DDP around it (as nanoGPT
+    and torchvision), then CUDA graphs: with --compile, CudaGraphModel captures the compiled
+    module (cuda_graphs.py says why this and not mode="reduce-overhead"). The plain model
+    stays what is saved."""
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+        if args.freeze_layers:
+            setup.log("note: --grad-checkpointing saves nothing with a frozen backbone: no "
+                      "activations are kept for its backward pass.")
     compiled = torch.compile(model) if args.compile else model
     model_for_training = compiled
     ddp = None
@@ -755,12 +761,7 @@ def wrap_for_training(model: VisionTransformer, args: argparse.Namespace, setup:
 
 def choose_training_paths(args: argparse.Namespace, model: VisionTransformer, setup: Setup,
                           wrappers: Wrappers) -> FrozenHeadTraining | None:
-    """--grad-checkpointing, and the frozen-backbone path (frozen_features.py) or None."""
-    if args.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-        if args.freeze_layers:
-            setup.log("note: --grad-checkpointing saves nothing with a frozen backbone: no "
-                      "activations are kept for its backward pass.")
+    """The frozen-backbone path (frozen_features.py), or None for the per-batch loop."""
     cuda_graphs = isinstance(wrappers.model_for_training, CudaGraphModel)
     return plan_frozen_head(args, model, setup.device, setup.dist_info, cuda_graphs, setup.log)
 

@@ -211,6 +211,17 @@ def test_train_py_grad_checkpointing_runs(demo_flowers, tmp_path):
     assert (tmp_path / "weights" / "model-0.pth").is_file()
 
 
+@pytest.mark.parametrize("freeze", ["--freeze-layers", "--no-freeze-layers"])
+def test_grad_checkpointing_is_set_on_the_plain_model_before_it_is_wrapped(freeze):
+    args = train.get_args_parser().parse_args(["--grad-checkpointing", freeze])
+    model, notes = frozen_demo(), []
+    setup = train.Setup(torch.device("cpu"), Distributed(), notes.append)
+    wrappers = train.wrap_for_training(model, args, setup, train.StepSettings())
+    assert wrappers.model is model and model.grad_checkpointing
+    frozen = freeze == "--freeze-layers"
+    assert any("--grad-checkpointing saves nothing" in note for note in notes) == frozen
+
+
 # --------------------------------------------------------------------------- benchmark.py
 
 def test_benchmark_cache_row_builds_the_three_frozen_no_augment_runs(tmp_path):
