@@ -54,7 +54,7 @@ from cuda_graphs import CudaGraphModel, use_cuda_graphs
 from demo_data import make_demo_flowers
 from distributed import Distributed, ShardSampler, barrier, init_distributed, shut_down
 from download import FLOWERS_DIR, WEIGHTS_FILE
-from errors import ProjectError, UserError, WeightsError, WriteError
+from errors import ProjectError, UserError, WeightsError, WriteError, make_output_dir
 from frozen_features import FrozenHeadTraining, plan_frozen_head
 from my_dataset import MyDataSet, build_transforms, unnormalize
 from utils import (
@@ -426,14 +426,10 @@ def claim_output_dir(args: argparse.Namespace, setup: Setup) -> Iterator[None]:
     if not setup.dist_info.is_main:
         yield
         return
-    folders = [Path(args.output_dir), Path(args.log_dir)]
-    created = [folder for folder in folders if not folder.exists()]
-    for folder in folders:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise WriteError(f"Cannot create the folder {folder} ({err.strerror or err}); "
-                             f"pass another --output-dir or --log-dir.") from None
+    folders = {"--output-dir": Path(args.output_dir), "--log-dir": Path(args.log_dir)}
+    created = [folder for folder in folders.values() if not folder.exists()]
+    for flag, folder in folders.items():
+        make_output_dir(folder, flag)
     with lock_run_folder(args.output_dir):
         for path in remove_temporary_files(args.output_dir):
             setup.log(f"note: removed {path}, left by a write that was interrupted.")
@@ -826,7 +822,7 @@ class RunOutputs:
         self.output_dir = Path(args.output_dir)
         self.keep = args.keep
         self.class_names = split.class_names
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        # claim_output_dir made the folder.
         write_class_indices(split.class_names, self.output_dir / CLASS_INDICES_FILE)
         from torch.utils.tensorboard import SummaryWriter  # heavy; only when training
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 from pathlib import Path
 
@@ -84,3 +85,29 @@ def test_attention_images_are_read_once_and_turned_as_validation_turns_them(tmp_
         assert outputs.attention_images(32) is batch
     finally:
         outputs.close()
+
+
+@pytest.mark.parametrize("flag", ["--output-dir", "--log-dir"])
+def test_a_folder_that_cannot_be_made_is_one_error_line(tmp_path: Path, monkeypatch, capsys,
+                                                        flag: str):
+    data = make_demo_flowers(tmp_path / "flower_photos", per_class=5)
+    refused = tmp_path / "refused"
+    real_mkdir = Path.mkdir
+
+    def mkdir(path, *args, **kwargs):  # root may write anywhere: inject the refusal
+        if path == refused:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    folders = {"--output-dir": str(tmp_path / "weights"), "--log-dir": str(tmp_path / "runs"),
+               flag: str(refused)}
+    rc = train.main(["--data-path", str(data), "--model-name", "vit_demo_patch8_64",
+                     "--weights", "", "--device", "cpu", "--workers", "0",
+                     *(item for pair in folders.items() for item in pair)])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        f"error: Cannot write {refused} (Permission denied); check the folder and the free "
+        f"space."], err
+    assert not refused.exists()
