@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from distributed import Distributed
-from utils import EpochStats, StepSettings, class_tokens, head_of, train_one_epoch
+from utils import EpochStats, StepSettings, autocast, class_tokens, head_of, train_one_epoch
 from vit_model import DropPath, VisionTransformer
 
 # Images per backbone pass of --cache-train-features when --frozen-batch is 0. Grouping
@@ -61,8 +61,7 @@ def backbone_pass(model: VisionTransformer, images: torch.Tensor,
                   amp_dtype: torch.dtype | None) -> torch.Tensor:
     """Class tokens of a frozen backbone, under the run's autocast. The module's train/eval
     mode is left alone: backbone_randomness() has checked that it changes nothing."""
-    with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32,
-                        enabled=amp_dtype is not None):
+    with autocast(images.device.type, amp_dtype):
         return class_tokens(model, images)
 
 
