@@ -70,6 +70,7 @@ def test_attention_images_are_read_once_and_turned_as_validation_turns_them(tmp_
         [flag, "--no-freeze-layers", "--output-dir", str(tmp_path / "weights")])
     validation = MyDataSet([photo], [0], build_transforms(32, train=False),
                            exif_transpose=args.exif_transpose)
+    (tmp_path / "weights").mkdir()  # train.claim_output_dir's part
     outputs = train.RunOutputs(args, split, tmp_path / "runs")
     try:
         batch = outputs.attention_images(32)
