@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from distributed import Distributed
+from utils import autocast
 
 
 def use_cuda_graphs(requested: bool | None, device: torch.device, dist_info: Distributed,
@@ -92,8 +93,7 @@ class CudaGraphModel(nn.Module):
         sample = torch.zeros_like(images)  # only shape, dtype and device matter
         try:
             # Autocast's weight cache would keep casts from the capture alive across replays.
-            with torch.autocast(images.device.type, dtype=self.amp_dtype or torch.float32,
-                                enabled=self.amp_dtype is not None, cache_enabled=False), \
+            with autocast(images.device.type, self.amp_dtype, cache_enabled=False), \
                     warnings.catch_warnings():
                 # make_graphed_callables warms up and captures on a stream of its own; recent
                 # torch versions warn there that gradients cross streams and that cuBLAS found no

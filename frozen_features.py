@@ -27,10 +27,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from distributed import Distributed
-from utils import EpochStats, StepSettings, class_tokens, head_of, train_one_epoch
+from utils import EpochStats, StepSettings, autocast, class_tokens, head_of, train_one_epoch
 from vit_model import DropPath, VisionTransformer
 
-# Images per backbone pass of --cache-train-features when --frozen-batch is not given. Grouping
+# Images per backbone pass of --cache-train-features when --frozen-batch is 0. Grouping
 # is not the default: on a quiet two-core CPU a whole frozen run was 3-7% slower grouped at
 # 128 than per batch (BENCHMARKS.md, "CPU, frozen, --no-augment"); on a GPU it is still to
 # measure, and CUDA graphs take precedence there (why_per_batch).
@@ -61,8 +61,7 @@ def backbone_pass(model: VisionTransformer, images: torch.Tensor,
                   amp_dtype: torch.dtype | None) -> torch.Tensor:
     """Class tokens of a frozen backbone, under the run's autocast. The module's train/eval
     mode is left alone: backbone_randomness() has checked that it changes nothing."""
-    with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32,
-                        enabled=amp_dtype is not None):
+    with autocast(images.device.type, amp_dtype):
         return class_tokens(model, images)
 
 
@@ -118,8 +117,6 @@ class CachedTokens:
             tokens.append(backbone_pass(self.model, images, amp_dtype).to(keep_on))
             labels.append(batch_labels)
         self.tokens = torch.cat(tokens)
-        if keep_on != self.device:
-            self.tokens = self.tokens.pin_memory()  # copies to the GPU then overlap
         self.labels = torch.cat(labels)
 
     def _place(self, count: int) -> torch.device:
@@ -129,7 +126,7 @@ class CachedTokens:
         place, where = self.device, f"on {self.device}"
         if self.device.type == "cuda" and size > DEVICE_SHARE * torch.cuda.mem_get_info(
                 self.device)[0]:
-            place, where = torch.device("cpu"), "in pinned host memory"
+            place, where = torch.device("cpu"), "in host memory"
         self.log(f"Training features: {count} class tokens ({size / 2**20:.1f} MiB) "
                  f"computed once and kept {where}.")
         return place
@@ -153,7 +150,7 @@ class FrozenHeadTraining:
     """The epoch's training pass when the backbone is fixed: grouped or cached tokens."""
 
     model: VisionTransformer
-    group: int  # loader batches per backbone pass
+    group: int | None  # grouped: loader batches per backbone pass; None when cached
     cache: CachedTokens | None
 
     def train_one_epoch(self, optimizer: torch.optim.Optimizer, loader, device: torch.device,
@@ -189,31 +186,26 @@ def plan_frozen_head(args: argparse.Namespace, model: VisionTransformer, device:
                      log: Callable[[str], None] = print) -> FrozenHeadTraining | None:
     """The frozen-backbone path --frozen-batch and --cache-train-features ask for, or None
     for the per-batch loop. Asked for by name and not possible: one note says why."""
-    asked = [flag for flag, given in (("--frozen-batch", args.frozen_batch is not None),
+    asked = [flag for flag, value in (("--frozen-batch", args.frozen_batch),
                                       ("--cache-train-features", args.cache_train_features))
-             if given]
-    if not args.frozen_batch and not args.cache_train_features:
+             if value]
+    if not asked:
         return None  # the per-batch loop: the default, and --frozen-batch 0
     reason = why_per_batch(args, model, dist_info, cuda_graphs)
     if reason is not None:
-        if asked:
-            log(f"note: {' and '.join(asked)} {'is' if len(asked) == 1 else 'are'} off: "
-                f"{reason}.")
+        log(f"note: {' and '.join(asked)} {'is' if len(asked) == 1 else 'are'} off: {reason}.")
         return None
-    pass_images = args.frozen_batch or DEFAULT_FROZEN_IMAGES
-    cache = None
     if args.cache_train_features:
-        if args.augment:
-            log("note: --cache-train-features is off: it needs --no-augment (random crops "
-                "make every epoch's images new).")
-        else:
+        if not args.augment:
             log("Caching the training features: --no-augment trains on the evaluation "
                 "transform's centre crops, not the report's random crops and flips.")
-            cache = CachedTokens(model, max(pass_images, args.batch_size), device, log)
-    if cache is None and not args.frozen_batch:
+            pass_images = max(args.frozen_batch or DEFAULT_FROZEN_IMAGES, args.batch_size)
+            return FrozenHeadTraining(model, None, CachedTokens(model, pass_images, device, log))
+        log("note: --cache-train-features is off: it needs --no-augment (random crops "
+            "make every epoch's images new).")
+    if not args.frozen_batch:
         return None
-    group = max(1, round(pass_images / args.batch_size))
-    if cache is None:
-        log(f"Frozen backbone: one forward pass per {group * args.batch_size} images, "
-            f"head steps in batches of {args.batch_size}.")
-    return FrozenHeadTraining(model, group, cache)
+    group = max(1, round(args.frozen_batch / args.batch_size))
+    log(f"Frozen backbone: one forward pass per {group * args.batch_size} images, "
+        f"head steps in batches of {args.batch_size}.")
+    return FrozenHeadTraining(model, group, None)

@@ -54,7 +54,7 @@ from cuda_graphs import CudaGraphModel, use_cuda_graphs
 from demo_data import make_demo_flowers
 from distributed import Distributed, ShardSampler, barrier, init_distributed, shut_down
 from download import FLOWERS_DIR, WEIGHTS_FILE
-from errors import ProjectError, UserError, WeightsError, WriteError
+from errors import ProjectError, UserError, WeightsError, WriteError, make_output_dir
 from frozen_features import FrozenHeadTraining, plan_frozen_head
 from my_dataset import MyDataSet, build_transforms, unnormalize
 from utils import (
@@ -175,7 +175,7 @@ def add_speed_options(parser: argparse.ArgumentParser) -> None:
     speed.add_argument("--cache-val-features", action=argparse.BooleanOptionalAction,
                        default=True, help="with a frozen backbone, compute the validation "
                                           "features once and run only the head afterwards")
-    speed.add_argument("--frozen-batch", type=non_negative_int, default=None, metavar="N",
+    speed.add_argument("--frozen-batch", type=int, default=0, metavar="N",
                        help="with a frozen backbone, run it over N images' worth of training "
                             "batches at once, then take the head's steps in --batch-size "
                             "batches (the same updates). Default 0, one backbone pass per "
@@ -191,13 +191,6 @@ def add_speed_options(parser: argparse.ArgumentParser) -> None:
                        default=False,
                        help="recompute each block's activations in the backward pass: less "
                             "memory for about one more forward pass per step")
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -332,6 +325,7 @@ def range_problems(args: argparse.Namespace) -> list[str]:
          f"--val-batch-size must be at least 1, got {args.val_batch_size}."),
         (args.workers is None or args.workers >= 0,
          f"--workers must be 0 or more, got {args.workers}."),
+        (args.frozen_batch >= 0, f"--frozen-batch must be 0 or more, got {args.frozen_batch}."),
         (args.num_classes is None or args.num_classes >= 1,
          f"--num-classes must be at least 1, got {args.num_classes}."),
         (args.keep is None or args.keep >= 1,
@@ -432,14 +426,10 @@ def claim_output_dir(args: argparse.Namespace, setup: Setup) -> Iterator[None]:
     if not setup.dist_info.is_main:
         yield
         return
-    folders = [Path(args.output_dir), Path(args.log_dir)]
-    created = [folder for folder in folders if not folder.exists()]
-    for folder in folders:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise WriteError(f"Cannot create the folder {folder} ({err.strerror or err}); "
-                             f"pass another --output-dir or --log-dir.") from None
+    folders = {"--output-dir": Path(args.output_dir), "--log-dir": Path(args.log_dir)}
+    created = [folder for folder in folders.values() if not folder.exists()]
+    for flag, folder in folders.items():
+        make_output_dir(folder, flag)
     with lock_run_folder(args.output_dir):
         for path in remove_temporary_files(args.output_dir):
             setup.log(f"note: removed {path}, left by a write that was interrupted.")
@@ -736,9 +726,15 @@ class Wrappers:
 
 def wrap_for_training(model: VisionTransformer, args: argparse.Namespace, setup: Setup,
                       settings: StepSettings) -> Wrappers:
-    """torch.compile, then DDP around it (as nanoGPT and torchvision), then CUDA graphs:
-    with --compile, CudaGraphModel captures the compiled module (cuda_graphs.py says why
-    this and not mode="reduce-overhead"). The plain model stays what is saved."""
+    """--grad-checkpointing on the plain model, then torch.compile, DDP around it (as nanoGPT
+    and torchvision), then CUDA graphs: with --compile, CudaGraphModel captures the compiled
+    module (cuda_graphs.py says why this and not mode="reduce-overhead"). The plain model
+    stays what is saved."""
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+        if args.freeze_layers:
+            setup.log("note: --grad-checkpointing saves nothing with a frozen backbone: no "
+                      "activations are kept for its backward pass.")
     compiled = torch.compile(model) if args.compile else model
     model_for_training = compiled
     ddp = None
@@ -761,12 +757,7 @@ def wrap_for_training(model: VisionTransformer, args: argparse.Namespace, setup:
 
 def choose_training_paths(args: argparse.Namespace, model: VisionTransformer, setup: Setup,
                           wrappers: Wrappers) -> FrozenHeadTraining | None:
-    """--grad-checkpointing, and the frozen-backbone path (frozen_features.py) or None."""
-    if args.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-        if args.freeze_layers:
-            setup.log("note: --grad-checkpointing saves nothing with a frozen backbone: no "
-                      "activations are kept for its backward pass.")
+    """The frozen-backbone path (frozen_features.py), or None for the per-batch loop."""
     cuda_graphs = isinstance(wrappers.model_for_training, CudaGraphModel)
     return plan_frozen_head(args, model, setup.device, setup.dist_info, cuda_graphs, setup.log)
 
@@ -831,7 +822,7 @@ class RunOutputs:
         self.output_dir = Path(args.output_dir)
         self.keep = args.keep
         self.class_names = split.class_names
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        # claim_output_dir made the folder.
         write_class_indices(split.class_names, self.output_dir / CLASS_INDICES_FILE)
         from torch.utils.tensorboard import SummaryWriter  # heavy; only when training
 
@@ -843,8 +834,20 @@ class RunOutputs:
         chosen = [len(split.val_images) * i // count for i in range(count)]
         self.attention_paths = [split.val_images[i] for i in chosen]
         self.attention_titles = [split.class_names[split.val_labels[i]] for i in chosen]
+        self.exif_transpose = args.exif_transpose
+        self.attention_batch: torch.Tensor | None = None  # read on first use, then kept
         self.attention_fixed = args.freeze_layers
         self.attention_picture: Future[np.ndarray] | None = None  # kept when fixed
+
+    def attention_images(self, image_size: int) -> torch.Tensor:
+        """The fixed validation images as validation sees them, (N, 3, H, W) at the model's
+        input size: read from disk on the first call, the same tensor every later one."""
+        if self.attention_batch is None:
+            images = MyDataSet(self.attention_paths, [0] * len(self.attention_paths),
+                               build_transforms(image_size, train=False),
+                               exif_transpose=self.exif_transpose)
+            self.attention_batch = torch.stack([image for image, _ in images])
+        return self.attention_batch
 
     def attention_rollout(self, epoch: int, model: VisionTransformer,
                           device: torch.device) -> None:
@@ -855,9 +858,7 @@ class RunOutputs:
         is computed and drawn once, and the same picture is logged for every epoch.
         """
         if self.attention_picture is None:
-            images = MyDataSet(self.attention_paths, [0] * len(self.attention_paths),
-                               build_transforms(model.image_size, train=False))
-            batch = torch.stack([image for image, _ in images])
+            batch = self.attention_images(model.image_size)
             was_training = model.training
             with torch.no_grad():
                 rollout = attention_rollout(model.eval().attention_maps(batch.to(device))).cpu()

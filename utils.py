@@ -189,6 +189,11 @@ class StepSettings:
     label_smoothing: float = 0.0
 
 
+def autocast(device_type: str, amp_dtype: torch.dtype | None, **kwargs) -> torch.autocast:
+    """The run's precision: autocast to amp_dtype, or full float32 when it is None."""
+    return torch.autocast(device_type, dtype=amp_dtype or torch.float32,
+                          enabled=amp_dtype is not None, **kwargs)
+
 
 @dataclass
 class EpochStats:
@@ -245,8 +250,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data_loa
     for step, (images, labels) in enumerate(bar):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=settings.amp_dtype or torch.float32,
-                            enabled=settings.amp_dtype is not None):
+        with autocast(device.type, settings.amp_dtype):
             logits = model(images)
             loss = loss_function(logits.float(), labels)
         scaled = loss / settings.accum_steps
@@ -297,8 +301,7 @@ def _validate(batches: Iterable,
     for step, (inputs, labels) in enumerate(bar):
         inputs = inputs.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                            enabled=amp_dtype is not None):
+        with autocast(device.type, amp_dtype):
             logits = logits_of(inputs, labels)
         total_loss += loss_function(logits.float(), labels).double()
         preds = logits.argmax(dim=1)

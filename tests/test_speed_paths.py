@@ -84,10 +84,11 @@ def test_nan_loss_is_caught_on_the_grouped_path(demo_flowers, tmp_path):
     assert re.search(r"^error: .*epoch 0, step \d+", err, re.M), err
 
 
-def test_frozen_batch_must_not_be_negative(capsys):
-    with pytest.raises(SystemExit) as exit_:
-        train.get_args_parser().parse_args(["--frozen-batch", "-8"])
-    assert exit_.value.code == 2 and "must be 0 or more" in capsys.readouterr().err
+def test_frozen_batch_must_not_be_negative(demo_flowers, tmp_path):
+    code, _, err = run_train(demo_flowers, tmp_path, "--frozen-batch", "-8")
+    assert code == 2
+    assert err.strip().splitlines() == ["error: --frozen-batch must be 0 or more, got -8."], err
+    assert not (tmp_path / "weights").exists() and not (tmp_path / "runs").exists()
 
 
 def args_for(*argv: str) -> argparse.Namespace:
@@ -137,6 +138,17 @@ def test_frozen_paths_fall_back_under_ddp_and_cuda_graphs():
     assert chosen is None and "DDP" in notes[0]
     chosen, notes = plan(args, frozen_demo(), cuda_graphs=True)
     assert chosen is None and "--no-cuda-graphs" in notes[0]
+
+
+def test_a_note_names_only_the_paths_asked_for():
+    # --frozen-batch 0 is the per-batch loop, not a path that was switched off.
+    args = args_for("--frozen-batch", "0", "--cache-train-features", "--no-augment")
+    chosen, notes = plan(args, frozen_demo(), cuda_graphs=True)
+    assert chosen is None and len(notes) == 1, notes
+    assert notes[0].startswith("note: --cache-train-features is off: CUDA graphs"), notes
+    chosen, notes = plan(args_for("--frozen-batch", "32", "--cache-train-features"),
+                         frozen_demo(), cuda_graphs=True)
+    assert notes[0].startswith("note: --frozen-batch and --cache-train-features are off"), notes
 
 
 def test_cache_needs_no_augment():
@@ -199,6 +211,17 @@ def test_train_py_grad_checkpointing_runs(demo_flowers, tmp_path):
     assert (tmp_path / "weights" / "model-0.pth").is_file()
 
 
+@pytest.mark.parametrize("freeze", ["--freeze-layers", "--no-freeze-layers"])
+def test_grad_checkpointing_is_set_on_the_plain_model_before_it_is_wrapped(freeze):
+    args = train.get_args_parser().parse_args(["--grad-checkpointing", freeze])
+    model, notes = frozen_demo(), []
+    setup = train.Setup(torch.device("cpu"), Distributed(), notes.append)
+    wrappers = train.wrap_for_training(model, args, setup, train.StepSettings())
+    assert wrappers.model is model and model.grad_checkpointing
+    frozen = freeze == "--freeze-layers"
+    assert any("--grad-checkpointing saves nothing" in note for note in notes) == frozen
+
+
 # --------------------------------------------------------------------------- benchmark.py
 
 def test_benchmark_cache_row_builds_the_three_frozen_no_augment_runs(tmp_path):
@@ -216,7 +239,7 @@ def test_benchmark_cache_row_builds_the_three_frozen_no_augment_runs(tmp_path):
         assert one.freeze_layers and not one.augment and one.amp is False
         assert one.model_name == "vit_tiny_patch16_224" and one.workers == 2
     assert [(p.frozen_batch, p.cache_train_features) for p in parsed] == [
-        (None, False), (128, False), (None, True)]
+        (0, False), (128, False), (0, True)]
 
 
 def test_benchmark_variants_for_one_mode():
@@ -269,6 +292,6 @@ def test_cached_training_features_stay_on_the_gpu_only_where_they_fit(monkeypatc
         model = create_model("vit_base_patch16_224")
     cache = CachedTokens(model, 128, torch.device("cuda"), notes.append)
     assert cache._place(10_000).type == kept_on
-    where = "on cuda" if kept_on == "cuda" else "in pinned host memory"
+    where = "on cuda" if kept_on == "cuda" else "in host memory"
     assert notes == [f"Training features: 10000 class tokens (29.3 MiB) computed once and "
                      f"kept {where}."]
