@@ -46,8 +46,12 @@ class WriteError(ProjectError):
 def write_error(path: object, err: Exception) -> WriteError:
     """The one sentence for a failed write: which file, and the system's reason."""
     reason = err.strerror if isinstance(err, OSError) and err.strerror else None
-    if reason is None:  # torch.save reports a full disk as a RuntimeError of its C++ writer
-        reason = "the write failed; is the disk full?" if isinstance(err, RuntimeError) else err
+    if reason is None and isinstance(err, RuntimeError):
+        # PyTorch's C++ file writer reports OS errors as RuntimeErrors: a failed open names
+        # the system's reason after "strerror:"; without one, a full disk is the best guess.
+        _, found, after = str(err).rpartition("strerror:")
+        reason = after.strip() if found else "the write failed; is the disk full?"
+    reason = reason or err
     return WriteError(f"Cannot write {path} ({reason}); check the folder and the free space.")
 
 
@@ -64,13 +68,16 @@ def check_output_file(path: str | Path, flag: str) -> Path:
     """Path, once it is known that a file can be created there: raise UserError, before any
     work is done, when a folder is in the way or a file stands where a folder should be."""
     path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{flag} {path} is a folder; name a file to write instead.")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UserError(f"Cannot write {path}: {parent} is a file, not a folder.")
-            break
+    try:
+        if path.is_dir():
+            raise UserError(f"{flag} {path} is a folder; name a file to write instead.")
+        for parent in path.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise UserError(f"Cannot write {path}: {parent} is a file, not a folder.")
+                break
+    except OSError as err:  # e.g. a name longer than the file system allows
+        raise UserError(f"{flag} {path} cannot be written ({err.strerror}).") from None
     return path
 
 

@@ -18,7 +18,6 @@ ONNX needs the optional packages onnx, onnxscript (torch's exporter) and onnxrun
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib.util
 import json
 import math
@@ -71,11 +70,7 @@ def export_torchscript(model: VisionTransformer, example: torch.Tensor, config: 
         try:
             torch.jit.save(traced, str(output), _extra_files={"config.json": json.dumps(config)})
         except RuntimeError as err:  # PyTorch's C++ file writer reports OS errors this way
-            # A failed open names the system's reason after "strerror:"; without one,
-            # write_error's reading of a RuntimeError (a full disk) is the best guess.
-            _, found, reason = str(err).rpartition("strerror:")
-            raise write_error(output, OSError(errno.EIO, reason.strip()) if found else err
-                              ) from None
+            raise write_error(output, err) from None
         loaded = torch.jit.load(str(output), map_location="cpu")
     return lambda x: loaded(x)
 

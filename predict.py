@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from checkpoints import CLASS_INDICES_FILE, find_checkpoint
+from checkpoints import CLASS_INDICES_FILE, DEFAULT_OUTPUT_DIR, find_checkpoint
 from cli import DEFAULT_MODEL, add_device_flag, add_weights_flags, run_main
 from errors import UserError, check_output_file
 from my_dataset import (
@@ -125,12 +125,13 @@ def collect_images(inputs: list[str]) -> tuple[list[Path], list[tuple[Path, str]
 
 
 def resolve_weights(path: str | None) -> Path:
-    """--weights as a path (a file or a Hugging Face folder); by default ./weights' newest."""
+    """--weights as a path (a file or a Hugging Face folder); by default the newest in
+    train.py's default output folder."""
     if path is None:
-        found = find_checkpoint("weights")
+        found = find_checkpoint(DEFAULT_OUTPUT_DIR)
         if found is None:
-            raise UserError("No checkpoint in ./weights; train one (python train.py, or "
-                            "python train.py --demo) or pass --weights.")
+            raise UserError(f"No checkpoint in ./{DEFAULT_OUTPUT_DIR}; train one (python "
+                            "train.py, or python train.py --demo) or pass --weights.")
         return found
     if not path:  # Path('') is the current folder
         raise UserError("--weights is empty; name a weights file or Hugging Face folder.")

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from checkpoints import (
     BEST_FILE,
     CLASS_INDICES_FILE,
+    DEFAULT_OUTPUT_DIR,
     INTERRUPTED_FILE,
     Checkpoint,
     CheckpointWriter,
@@ -125,7 +126,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-freeze-layers", dest="freeze_layers", action="store_false",
                         help=argparse.SUPPRESS)
     add_device_flag(parser)
-    parser.add_argument("--output-dir", default="./weights",
+    parser.add_argument("--output-dir", default=f"./{DEFAULT_OUTPUT_DIR}",
                         help="where checkpoints and class_indices.json go (default: %(default)s)")
     parser.add_argument("--log-dir", default="runs",
                         help="TensorBoard log folder; each run gets a dated sub-folder "
@@ -428,8 +429,12 @@ def claim_output_dir(args: argparse.Namespace, setup: Setup) -> Iterator[None]:
         return
     folders = {"--output-dir": Path(args.output_dir), "--log-dir": Path(args.log_dir)}
     created = [folder for folder in folders.values() if not folder.exists()]
-    for flag, folder in folders.items():
-        make_output_dir(folder, flag)
+    try:
+        for flag, folder in folders.items():
+            make_output_dir(folder, flag)
+    except ProjectError:  # the log folder failed after the output folder was made
+        leave_no_trace(created)
+        raise
     with lock_run_folder(args.output_dir):
         for path in remove_temporary_files(args.output_dir):
             setup.log(f"note: removed {path}, left by a write that was interrupted.")

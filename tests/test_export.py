@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 
 import export
 from predict import load_classifier
@@ -141,4 +142,13 @@ def test_a_file_torchs_writer_cannot_open_is_a_write_error_with_the_systems_reas
         export.export_torchscript(torch.nn.Linear(2, 2), torch.randn(1, 2), {}, output)
     assert str(caught.value) == (f"Cannot write {output} (File name too long); check the folder "
                                  f"and the free space.")
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_output_name_too_long_for_the_file_system_is_bad_input(checkpoint, tmp_path):
+    # Checked before loading or tracing anything: one line, exit 2, nothing written.
+    output = tmp_path / ("x" * 300 + ".pt")
+    code, out, err = run_cli(export.main, ["--weights", checkpoint, "--output", output])
+    assert code == 2 and out == ""
+    assert err == f"error: --output {output} cannot be written (File name too long).\n"
     assert not any(tmp_path.iterdir())
