@@ -1,14 +1,26 @@
-"""Fixtures shared by the test files: the repository on sys.path, tiny images, demo data."""
+"""What the test files share: the repository on sys.path (ROOT), tiny images, demo data,
+train.py's argv (train_argv), a script's main run in-process (run_cli, one_error_line), the
+session's trained demo run (trained_demo), checkpoints read back (load), a tiny ViT and
+random batches (tiny_model, random_loader), and a local HTTP server (server, no_proxies)."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import http.server
 import io
 import sys
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
+
+    from vit_model import VisionTransformer
 
 # The modules under test live in the repository root, beside this folder.
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +56,41 @@ def demo_flowers(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from demo_data import make_demo_flowers
 
     return make_demo_flowers(tmp_path_factory.mktemp("demo") / "flower_photos", per_class=12)
+
+
+def load(path: Path) -> dict:
+    """A checkpoint read back as every command reads it."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# --------------------------------------------------------------------------- a tiny ViT
+
+def tiny_model(num_classes: int = 3) -> VisionTransformer:
+    """A ViT of 16 px images, 2x2 patches of 8 px, 2 blocks of width 32; seeded, so the
+    same numbers every call."""
+    import torch
+
+    from vit_model import VisionTransformer
+
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                             num_classes=num_classes)
+
+
+def random_loader(images: int, batch_size: int = 4, scale: float = 1.0,
+                  device: str = "cpu") -> DataLoader:
+    """`images` random 16 px images (standard deviation `scale`) with labels 0-2 for
+    tiny_model, in batches of batch_size; the same draws every call."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    generator = torch.Generator().manual_seed(1)
+    pixels = scale * torch.randn(images, 3, 16, 16, generator=generator)
+    labels = torch.randint(0, 3, (images,), generator=generator)
+    return DataLoader(TensorDataset(pixels.to(device), labels.to(device)),
+                      batch_size=batch_size)
 
 
 # --------------------------------------------------------------------------- train.py
@@ -82,6 +129,17 @@ def run_cli(main, argv: list[object]) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+def one_error_line(code: int, err: str, status: int = 2) -> str:
+    """Exit status `status` and exactly one line on stderr, 'error: ...', with no traceback;
+    returns that line. (Progress bars go to stdout, so stderr holds nothing else.)"""
+    assert code == status, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error:"), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
 @dataclass(frozen=True)
 class TrainedDemo:
     """The session's trained demo run (see the fixture); tests only read its files."""
@@ -90,9 +148,10 @@ class TrainedDemo:
     data: Path
     output_dir: Path
     log_dir: Path
-    code: int
     out: str
     err: str
+    seed: int        # not train.py's default: commands that rebuild the split must read it
+    val_rate: float  # from the checkpoint, as they must this one
 
     @property
     def best(self) -> Path:
@@ -110,10 +169,64 @@ def trained_demo(tmp_path_factory: pytest.TempPathFactory, demo_flowers: Path) -
     import train
 
     root = tmp_path_factory.mktemp("trained_demo")
+    seed, val_rate = 3, 0.25
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         code, out, err = run_cli(train.main, train_argv(
-            demo_flowers, Path("."), epochs=2, seed=3, val_rate=0.25,
+            demo_flowers, Path("."), epochs=2, seed=seed, val_rate=val_rate,
             output_dir=Path("weights"), log_dir=Path("runs")))
     assert code == 0, err
-    return TrainedDemo(root, demo_flowers, root / "weights", root / "runs", code, out, err)
+    return TrainedDemo(root, demo_flowers, root / "weights", root / "runs", out, err, seed,
+                       val_rate)
+
+
+# --------------------------------------------------------------------------- a local server
+
+@pytest.fixture
+def no_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep urllib from sending 127.0.0.1 requests to a proxy set in the environment."""
+    for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+@dataclass
+class Server:
+    root: Path
+    base_url: str
+    requests: list[str] = field(default_factory=list)
+
+    def publish(self, name: str, data: bytes) -> str:
+        (self.root / name).write_bytes(data)
+        return f"{self.base_url}/{name}"
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    requests: list[str]
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.requests.append(self.path)
+        super().do_GET()
+
+
+@pytest.fixture
+def server(tmp_path: Path, no_proxies: None):
+    """Serve tmp_path/served at http://127.0.0.1:<port>/ and record the paths requested."""
+    root = tmp_path / "served"
+    root.mkdir()
+    requests: list[str] = []
+    handler = type("Handler", (_QuietHandler,), {"requests": requests})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                            functools.partial(handler, directory=str(root)))
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.01,), daemon=True)
+    thread.start()
+    try:
+        yield Server(root, f"http://127.0.0.1:{httpd.server_address[1]}", requests)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)

@@ -93,7 +93,7 @@ def test_errors_exit_2_with_one_line_and_write_nothing(tmp_path, capsys):
 
 def test_a_destination_where_no_file_can_be_written(tmp_path, capsys):
     src = tmp_path / "src.pth"
-    torch.save(random_ours(**TINY).state_dict(), src)
+    torch.save(random_ours().state_dict(), src)
     (tmp_path / "folder").mkdir()
     (tmp_path / "file").write_text("keep me")
     for dst in (tmp_path / "folder", tmp_path / "file" / "out.pth"):

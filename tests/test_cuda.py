@@ -16,32 +16,22 @@ import copy
 
 import pytest
 import torch
-from conftest import train_argv
-from torch.utils.data import DataLoader, TensorDataset
+from conftest import random_loader, tiny_model, train_argv
+from torch.utils.data import DataLoader
 
 import train
 from checkpoints import CheckpointWriter
 from cuda_graphs import CudaGraphModel, use_cuda_graphs
 from distributed import Distributed
 from utils import EpochStats, StepSettings, evaluate, train_one_epoch
-from vit_model import VisionTransformer, create_model
+from vit_model import create_model
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def tiny_model() -> VisionTransformer:
-    torch.manual_seed(0)
-    return VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2,
-                             num_classes=3)
-
-
 def batches(device: str = "cpu", batch_size: int = 4) -> DataLoader:
-    generator = torch.Generator().manual_seed(1)
-    images = torch.randn(11, 3, 16, 16, generator=generator)
-    labels = torch.randint(0, 3, (11,), generator=generator)
     # 11 images in batches of 4: two full batches, then one of 3.
-    return DataLoader(TensorDataset(images.to(device), labels.to(device)),
-                      batch_size=batch_size)
+    return random_loader(11, batch_size, device=device)
 
 
 class RecordingCapture:

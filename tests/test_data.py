@@ -537,7 +537,6 @@ def test_train_loaders_turn_phone_photos_only_with_exif_transpose(tmp_path, flag
     import train
     from distributed import Distributed
     from my_dataset import unnormalize
-    from utils import Split
 
     photo = tmp_path / "phone.jpg"
     upright = _phone_photo(photo, 6)

@@ -7,12 +7,10 @@ import io
 import socket
 import tarfile
 import threading
-from dataclasses import dataclass, field
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import Server
 from PIL import Image
 
 import download
@@ -33,53 +31,9 @@ SMALL_COUNTS = {"daisy": 3, "roses": 2}
 # --- fixtures -------------------------------------------------------------------------------
 
 
-@dataclass
-class Server:
-    root: Path
-    base_url: str
-    requests: list[str] = field(default_factory=list)
-
-    def publish(self, name: str, data: bytes) -> str:
-        (self.root / name).write_bytes(data)
-        return f"{self.base_url}/{name}"
-
-
-class _QuietHandler(SimpleHTTPRequestHandler):
-    requests: list[str]
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        self.requests.append(self.path)
-        super().do_GET()
-
-
-@pytest.fixture(autouse=True)
-def no_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep urllib from sending 127.0.0.1 requests to a proxy set in the environment."""
-    for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-
-
-@pytest.fixture
-def server(tmp_path: Path):
-    """Serve tmp_path/served at http://127.0.0.1:<port>/ and record the paths requested."""
-    root = tmp_path / "served"
-    root.mkdir()
-    requests: list[str] = []
-    handler = type("Handler", (_QuietHandler,), {"requests": requests})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(root)))
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.01,), daemon=True)
-    thread.start()
-    try:
-        yield Server(root, f"http://127.0.0.1:{httpd.server_address[1]}", requests)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
+# The local server (server, Server) and no_proxies live in conftest.py; every test here keeps
+# urllib away from proxies, the server's and the refused or cut-short connections' alike.
+pytestmark = pytest.mark.usefixtures("no_proxies")
 
 
 @pytest.fixture

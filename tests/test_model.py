@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from weight_files import TINY
 
 import weights
 from vit_model import (
@@ -19,9 +20,6 @@ from vit_model import (
     vit_base_patch16_224_in21k,
 )
 
-# A ViT small enough to run in milliseconds: 32 px, 4x4 patches of 8 px, 2 blocks of width 64.
-TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
-
 
 def tiny(**overrides) -> VisionTransformer:
     return VisionTransformer(**{**TINY, "num_classes": 5, **overrides})
@@ -30,7 +28,8 @@ def tiny(**overrides) -> VisionTransformer:
 @torch.no_grad()
 def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
     """Replace every parameter with random values, so no test leans on the zero head
-    or the unit LayerNorm of the default initialisation."""
+    or the unit LayerNorm of the default initialisation. (Not weight_files.randomize_, which
+    draws at other scales and leaves the model in eval mode: tests here set the mode.)"""
     generator = torch.Generator().manual_seed(seed)
     for name, param in model.named_parameters():
         noise = torch.randn(param.shape, generator=generator)

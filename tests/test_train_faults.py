@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,11 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, load, one_error_line, run_cli, train_argv
 
 import train
 from checkpoints import BEST_FILE, LOCK_FILE
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -30,25 +30,35 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def args_for(data: Path, root: Path, *extra: str) -> list[str]:
-    return ["--data-path", str(data), "--model-name", "vit_demo_patch8_64", "--weights", "",
-            "--epochs", "1", "--batch-size", "4", "--device", "cpu", "--workers", "0",
-            "--output-dir", str(root / "out"), "--log-dir", str(root / "logs"), *extra]
+    """One epoch in batches of 4 into root/out and root/logs, with train.py's own --lr and
+    --freeze-layers."""
+    return train_argv(data, root, *extra, batch_size=4, lr=None, freeze_layers=None,
+                      output_dir=root / "out", log_dir=root / "logs")
 
 
-def run_train(capsys, argv: list[str]) -> tuple[int, str, str]:
-    code = train.main(argv)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+@pytest.fixture(scope="module")
+def two_epochs(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 2-epoch run, trained once for the tests that resume it (see resumable).
+
+    Started in its own folder with relative paths, so its checkpoints name out/ and logs/
+    relative to where they were written: a copy resumed in another folder writes there.
+    """
+    root = tmp_path_factory.mktemp("two_epochs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        code, _, err = run_cli(train.main, args_for(data, Path("."), "--epochs", "2"))
+    assert code == 0, err
+    return root
 
 
-def error_lines(err: str) -> list[str]:
-    """The error: lines; tqdm's progress bars share stderr."""
-    assert "Traceback" not in err, err
-    return [line for line in err.splitlines() if line.startswith("error:")]
-
-
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+@pytest.fixture
+def resumable(two_epochs: Path, data: Path, tmp_path: Path,
+              monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """This test's own copy of two_epochs in tmp_path (the working directory) and the argv
+    that made it; out/ and logs/ are tmp_path's."""
+    shutil.copytree(two_epochs, tmp_path, dirs_exist_ok=True)
+    monkeypatch.chdir(tmp_path)
+    return args_for(data, Path("."), "--epochs", "2")
 
 
 # --------------------------------------------------------------------------- bad flags
@@ -71,41 +81,36 @@ BAD_FLAGS = [
 
 
 @pytest.mark.parametrize("bad", BAD_FLAGS, ids=" ".join)
-def test_a_flag_out_of_range_stops_before_anything_is_written(data, tmp_path, capsys, bad):
-    code, _, err = run_train(capsys, args_for(data, tmp_path, *bad))
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and bad[0] in lines[0], err
+def test_a_flag_out_of_range_stops_before_anything_is_written(data, tmp_path, bad):
+    code, _, err = run_cli(train.main, args_for(data, tmp_path, *bad))
+    assert bad[0] in one_error_line(code, err)
     assert not (tmp_path / "out").exists() and not (tmp_path / "logs").exists()
 
 
 @pytest.mark.parametrize("flag", ["--output-dir", "--log-dir"])
 @pytest.mark.parametrize("below", [False, True])
-def test_an_output_folder_that_is_a_file_is_bad_input(data, tmp_path, capsys, flag, below):
+def test_an_output_folder_that_is_a_file_is_bad_input(data, tmp_path, flag, below):
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
     folder = a_file / "sub" if below else a_file
-    code, _, err = run_train(capsys, [*args_for(data, tmp_path), flag, str(folder)])
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and flag in lines[0] and str(a_file) in lines[0], err
+    code, _, err = run_cli(train.main, [*args_for(data, tmp_path), flag, str(folder)])
+    line = one_error_line(code, err)
+    assert flag in line and str(a_file) in line, line
     assert a_file.read_text() == "not a folder"
 
 
 @pytest.mark.parametrize("flag", ["--output-dir", "--log-dir"])
 @pytest.mark.parametrize("where", ["inside", "empty"])
-def test_an_output_folder_inside_the_data_or_empty_is_bad_input(data, tmp_path, capsys, flag,
+def test_an_output_folder_inside_the_data_or_empty_is_bad_input(data, tmp_path, flag,
                                                                  where):
     # Inside the data folder it would become a class of the next run.
     folder = str(data / "weights") if where == "inside" else ""
-    code, _, err = run_train(capsys, [*args_for(data, tmp_path), flag, folder])
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and flag in lines[0], err
+    code, _, err = run_cli(train.main, [*args_for(data, tmp_path), flag, folder])
+    assert flag in one_error_line(code, err)
     assert not (data / "weights").exists() and not (tmp_path / "out").exists()
 
 
-def test_an_unreadable_weights_file_is_one_line(data, tmp_path, capsys, monkeypatch):
+def test_an_unreadable_weights_file_is_one_line(data, tmp_path, monkeypatch):
     weights = tmp_path / "weights.pth"
     weights.write_bytes(b"\0" * 64)
     real_open = Path.open
@@ -116,28 +121,24 @@ def test_an_unreadable_weights_file_is_one_line(data, tmp_path, capsys, monkeypa
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr(Path, "open", no_permission)
-    code, _, err = run_train(capsys, [*args_for(data, tmp_path), "--weights", str(weights)])
-    assert code == 2
-    assert len(error_lines(err)) == 1 and "Permission denied" in error_lines(err)[0], err
+    code, _, err = run_cli(train.main, [*args_for(data, tmp_path), "--weights", str(weights)])
+    assert "Permission denied" in one_error_line(code, err)
 
 
-def test_a_weights_folder_that_is_not_hugging_face_is_one_line(data, tmp_path, capsys):
+def test_a_weights_folder_that_is_not_hugging_face_is_one_line(data, tmp_path):
     folder = tmp_path / "not_hf"
     folder.mkdir()
-    code, _, err = run_train(capsys, [*args_for(data, tmp_path), "--weights", str(folder)])
-    assert code == 2
-    assert len(error_lines(err)) == 1 and str(folder) in error_lines(err)[0], err
+    code, _, err = run_cli(train.main, [*args_for(data, tmp_path), "--weights", str(folder)])
+    assert str(folder) in one_error_line(code, err)
 
 
 # --------------------------------------------------------------------------- data
 
-def test_an_empty_class_folder_is_named_once(data, tmp_path, capsys):
-    import shutil
-
+def test_an_empty_class_folder_is_named_once(data, tmp_path):
     copy = tmp_path / "flowers"
     shutil.copytree(data, copy)
     (copy / "aaa_empty").mkdir()  # sorts first: class 0, as the reproduced code numbers it
-    code, out, err = run_train(capsys, args_for(copy, tmp_path))
+    code, out, err = run_cli(train.main, args_for(copy, tmp_path))
     assert code == 0, err
     warnings = [line for line in out.splitlines() if "aaa_empty" in line]
     assert len(warnings) == 1 and warnings[0].startswith("warning:"), out
@@ -145,7 +146,7 @@ def test_an_empty_class_folder_is_named_once(data, tmp_path, capsys):
     assert load(tmp_path / "out" / "model-0.pth")["class_names"][0] == "aaa_empty"
 
 
-def test_an_unreadable_class_folder_is_one_line(data, tmp_path, capsys, monkeypatch):
+def test_an_unreadable_class_folder_is_one_line(data, tmp_path, monkeypatch):
     real_iterdir = Path.iterdir
 
     def no_permission(path):  # root lists anything: inject the refusal
@@ -154,10 +155,8 @@ def test_an_unreadable_class_folder_is_one_line(data, tmp_path, capsys, monkeypa
         return real_iterdir(path)
 
     monkeypatch.setattr(Path, "iterdir", no_permission)
-    code, _, err = run_train(capsys, args_for(data, tmp_path))
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and str(data / "roses") in lines[0], err
+    code, _, err = run_cli(train.main, args_for(data, tmp_path))
+    assert str(data / "roses") in one_error_line(code, err)
 
 
 # --------------------------------------------------------------------------- best.pth
@@ -168,28 +167,24 @@ def best_epoch_by_val_acc(out: Path) -> int:
 
 
 @pytest.mark.parametrize("damage", ["missing", "empty", "garbage"])
-def test_resume_rebuilds_a_lost_best_and_removes_stale_temporaries(data, tmp_path, capsys,
+def test_resume_rebuilds_a_lost_best_and_removes_stale_temporaries(resumable, tmp_path,
                                                                    damage):
-    argv = args_for(data, tmp_path, "--epochs", "2")
-    assert run_train(capsys, argv)[0] == 0
     out = tmp_path / "out"
     # What kill -9 during best.pth's write leaves: no best.pth (or a bad one) and a .tmp.
     {"missing": lambda p: p.unlink(), "empty": lambda p: p.write_bytes(b""),
      "garbage": lambda p: p.write_bytes(b"PK\3\4 not a checkpoint")}[damage](out / BEST_FILE)
     (out / f".{BEST_FILE}.tmp").write_bytes(b"")
 
-    code, out_text, err = run_train(capsys, [*argv, "--resume", "auto"])  # finished: no epochs
+    code, out_text, err = run_cli(train.main, [*resumable, "--resume", "auto"])  # no epochs
     assert code == 0, err
     assert load(out / BEST_FILE)["epoch"] == best_epoch_by_val_acc(out)
     assert not list(out.glob(".*.tmp"))
     assert "best.pth" in out_text and "removed" in out_text
 
 
-def test_a_good_best_is_left_alone(data, tmp_path, capsys):
-    argv = args_for(data, tmp_path, "--epochs", "2")
-    assert run_train(capsys, argv)[0] == 0
+def test_a_good_best_is_left_alone(resumable, tmp_path):
     best = (tmp_path / "out" / BEST_FILE).read_bytes()
-    code, out, _ = run_train(capsys, [*argv, "--resume", "auto"])
+    code, out, _ = run_cli(train.main, [*resumable, "--resume", "auto"])
     assert code == 0 and "nothing more to train" in out
     assert (tmp_path / "out" / BEST_FILE).read_bytes() == best
 
@@ -213,15 +208,14 @@ def fail_save_from(monkeypatch, call: int, error: int) -> None:
 # In the last epoch or mid-run; a full disk, or a folder remounted read-only.
 @pytest.mark.parametrize(("epochs", "error"), [(2, errno.ENOSPC), (4, errno.ENOSPC),
                                                (4, errno.EROFS)])
-def test_a_failed_checkpoint_write_stops_the_run(data, tmp_path, capsys, monkeypatch, epochs,
+def test_a_failed_checkpoint_write_stops_the_run(data, tmp_path, monkeypatch, epochs,
                                                  error):
     # Calls 1 and 2 write epoch 0's model-0.pth and best.pth; call 3 is model-1.pth.
     fail_save_from(monkeypatch, 3, error)
-    code, _, err = run_train(capsys, args_for(data, tmp_path, "--epochs", str(epochs),
-                                              "--no-freeze-layers"))
+    code, _, err = run_cli(train.main, args_for(data, tmp_path, "--epochs", str(epochs),
+                                                "--no-freeze-layers"))
     out = tmp_path / "out"
-    assert code == 1
-    [line] = error_lines(err)
+    line = one_error_line(code, err, status=1)
     assert str(out / "model-1.pth") in line and os.strerror(error) in line, line
     assert f"last good checkpoint is {out / 'model-0.pth'}" in line, line
     assert sorted(p.name for p in out.glob("*.pth")) == ["best.pth", "model-0.pth"]
@@ -229,9 +223,9 @@ def test_a_failed_checkpoint_write_stops_the_run(data, tmp_path, capsys, monkeyp
     assert load(out / "model-0.pth")["epoch"] == load(out / BEST_FILE)["epoch"] == 0
 
 
-def test_disk_full_on_a_real_tmpfs_stops_the_run(data, tmp_path, capsys):
+def test_disk_full_on_a_real_tmpfs_stops_the_run(data, tmp_path):
     # Measure one checkpoint, then mount a tmpfs with room for model-0.pth and best.pth only.
-    assert run_train(capsys, args_for(data, tmp_path / "measure", "--no-freeze-layers"))[0] == 0
+    assert run_cli(train.main, args_for(data, tmp_path / "measure", "--no-freeze-layers"))[0] == 0
     size = (tmp_path / "measure" / "out" / "model-0.pth").stat().st_size
     disk = tmp_path / "disk"
     disk.mkdir()
@@ -240,11 +234,10 @@ def test_disk_full_on_a_real_tmpfs_stops_the_run(data, tmp_path, capsys):
     if mount.returncode != 0:
         pytest.skip(f"mounting a small tmpfs is not permitted here: {mount.stderr.strip()}")
     try:
-        code, _, err = run_train(capsys, [
+        code, _, err = run_cli(train.main, [
             *args_for(data, tmp_path, "--epochs", "4", "--no-freeze-layers"),
             "--output-dir", str(disk)])
-        assert code == 1
-        [line] = error_lines(err)
+        line = one_error_line(code, err, status=1)
         assert "model-1.pth" in line and f"{disk / 'model-0.pth'}" in line, line
         assert load(disk / "model-0.pth")["epoch"] == 0
         assert not (disk / "model-2.pth").exists() and not list(disk.glob(".*.tmp"))
@@ -254,25 +247,24 @@ def test_disk_full_on_a_real_tmpfs_stops_the_run(data, tmp_path, capsys):
 
 # --------------------------------------------------------------------------- two runs
 
-def test_a_second_run_into_a_folder_in_use_is_refused(data, tmp_path, capsys):
+def test_a_second_run_into_a_folder_in_use_is_refused(data, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     with open(out / LOCK_FILE, "a+") as held:  # what a running train.py holds
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         held.write("4242\n")
         held.flush()
-        code, _, err = run_train(capsys, args_for(data, tmp_path))
-    assert code == 2
-    [line] = error_lines(err)
+        code, _, err = run_cli(train.main, args_for(data, tmp_path))
+    line = one_error_line(code, err)
     assert str(out) in line and "in use" in line and "4242" in line, line
     assert not list(out.glob("*.pth"))
 
 
-def test_a_lock_file_left_by_a_dead_run_does_not_block(data, tmp_path, capsys):
+def test_a_lock_file_left_by_a_dead_run_does_not_block(data, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / LOCK_FILE).write_text("999999\n")  # a killed run's file; the kernel dropped its lock
-    code, _, err = run_train(capsys, args_for(data, tmp_path))
+    code, _, err = run_cli(train.main, args_for(data, tmp_path))
     assert code == 0, err
     assert (out / "model-0.pth").is_file()
     assert not (out / LOCK_FILE).exists()  # a run removes its lock file when it ends
@@ -285,35 +277,32 @@ def test_a_lock_file_left_by_a_dead_run_does_not_block(data, tmp_path, capsys):
     ([], ["--no-freeze-layers"], "--freeze-layers"),
     ([], ["--opt", "adamw"], "--opt sgd"),
 ])
-def test_resume_with_a_flag_that_changes_the_optimizer_names_it(data, tmp_path, capsys,
+def test_resume_with_a_flag_that_changes_the_optimizer_names_it(data, tmp_path, request,
                                                                 first, second, named):
-    argv = args_for(data, tmp_path, "--epochs", "2", *first)
-    assert run_train(capsys, argv)[0] == 0
+    if first:  # a first run of its own
+        argv = args_for(data, tmp_path, "--epochs", "2", *first)
+        assert run_cli(train.main, argv)[0] == 0
+    else:  # the shared first run, copied to tmp_path
+        argv = request.getfixturevalue("resumable")
     (tmp_path / "out" / "model-1.pth").unlink()
     resumed = [arg for arg in argv if arg != "--no-freeze-layers"] + second
-    code, _, err = run_train(capsys, [*resumed, "--resume", "auto"])
-    assert code == 2
-    [line] = error_lines(err)
-    assert f"with {named}," in line, line
+    code, _, err = run_cli(train.main, [*resumed, "--resume", "auto"])
+    assert f"with {named}," in one_error_line(code, err)
     assert not (tmp_path / "out" / "model-1.pth").exists()
 
 
-def test_resume_auto_passes_over_a_damaged_newest_checkpoint(data, tmp_path, capsys):
-    argv = args_for(data, tmp_path, "--epochs", "2")
-    assert run_train(capsys, argv)[0] == 0
-    newest = tmp_path / "out" / "model-1.pth"
+def test_resume_auto_passes_over_a_damaged_newest_checkpoint(resumable):
+    newest = Path("out", "model-1.pth")  # as --output-dir names it
     newest.write_bytes(newest.read_bytes()[:1000])  # a disk error, not a kill: writes are atomic
-    code, out, err = run_train(capsys, [*argv, "--resume", "auto"])
+    code, out, err = run_cli(train.main, [*resumable, "--resume", "auto"])
     assert code == 0, err
     assert f"passing over {newest}" in out and "model-0.pth (epoch 0 done)" in out
     assert load(newest)["epoch"] == 1  # trained again and written whole
 
 
-def test_resume_notes_the_settings_it_takes_from_the_checkpoint(data, tmp_path, capsys):
-    argv = args_for(data, tmp_path, "--epochs", "2")
-    assert run_train(capsys, argv)[0] == 0
+def test_resume_notes_the_settings_it_takes_from_the_checkpoint(resumable, tmp_path):
     (tmp_path / "out" / "model-1.pth").unlink()
-    code, out, err = run_train(capsys, [*argv, "--lr", "0.5", "--resume", "auto"])
+    code, out, err = run_cli(train.main, [*resumable, "--lr", "0.5", "--resume", "auto"])
     assert code == 0, err
     assert "keeps its --lr 0.001" in out
     assert load(tmp_path / "out" / "model-1.pth")["optimizer"]["param_groups"][0][
@@ -339,7 +328,7 @@ runpy.run_path("train.py", run_name="__main__")
 """
 
 
-def test_ctrl_c_while_modules_import_exits_130_in_one_line(tmp_path):
+def test_ctrl_c_while_modules_import_exits_130_in_one_line():
     result = subprocess.run(
         [sys.executable, "-c", CTRL_C_WHILE_IMPORTING], cwd=ROOT, capture_output=True,
         text=True, timeout=120,

@@ -14,15 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, train_argv
+from conftest import ROOT, load, one_error_line, run_cli, train_argv
 
 import train
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def epochs_in(folder: Path) -> list[int]:
@@ -86,16 +80,13 @@ def test_a_non_finite_loss_stops_with_status_1_naming_epoch_and_step_and_keeps_g
                                          batch_size=25), 0  # few steps: NaN math is slow
         before = {p.name: p.read_bytes() for p in out.iterdir()}
     code, _, err = run_cli(train.main, argv)
-    assert code == 1, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), err
-    assert re.search(rf"NaN or infinite at epoch {failing_epoch}, step \d+;", lines[0]), lines[0]
-    assert "Traceback" not in err
+    line = one_error_line(code, err, status=1)
+    assert re.search(rf"NaN or infinite at epoch {failing_epoch}, step \d+;", line), line
 
     assert not (out / "model-1.pth").exists()
     if when == "in the first epoch":  # nothing of the failed run was written
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-        assert "step 1;" in lines[0]
+        assert "step 1;" in line
     for name in ("model-0.pth", "best.pth"):
         checkpoint = load(out / name)
         assert checkpoint["epoch"] == 0

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from conftest import random_loader, tiny_model
+from torch.utils.data import DataLoader
 
 from utils import FeatureCache, evaluate, read_split_data, train_one_epoch
-from vit_model import VisionTransformer
 
 
 def test_read_split_data_unpacks_as_four_lists(demo_flowers):
@@ -21,17 +21,8 @@ def test_read_split_data_unpacks_as_four_lists(demo_flowers):
     assert len(val_images_path) == len(val_images_label) == 10
 
 
-def tiny_model() -> VisionTransformer:
-    torch.manual_seed(0)
-    return VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2,
-                             num_classes=3)
-
-
 def loader() -> DataLoader:
-    generator = torch.Generator().manual_seed(1)
-    images = torch.randn(10, 3, 16, 16, generator=generator)
-    labels = torch.randint(0, 3, (10,), generator=generator)
-    return DataLoader(TensorDataset(images, labels), batch_size=4)
+    return random_loader(10)  # batches of 4, 4 and 2
 
 
 def test_the_loops_called_as_the_reproduced_train_py_return_loss_and_accuracy():
