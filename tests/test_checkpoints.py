@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from checkpoints import (
     BEST_FILE,
@@ -33,12 +34,6 @@ from weights import read_weights
 CLASSES = ["daisy", "roses", "tulips"]
 
 
-def tiny_model() -> VisionTransformer:
-    torch.manual_seed(0)
-    return VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2,
-                             num_classes=len(CLASSES))
-
-
 def training_parts(model: VisionTransformer):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 0.5 ** epoch)
@@ -46,7 +41,7 @@ def training_parts(model: VisionTransformer):
 
 
 def test_an_epoch_checkpoint_round_trips_with_its_version(tmp_path):
-    model = tiny_model()
+    model = tiny_model(len(CLASSES))
     optimizer, scheduler = training_parts(model)
     model(torch.randn(2, 3, 16, 16)).sum().backward()
     optimizer.step()
@@ -71,7 +66,7 @@ def test_an_epoch_checkpoint_round_trips_with_its_version(tmp_path):
     assert read_train_args(tmp_path / "model-4.pth") == {"seed": 3, "val_rate": 0.2}
 
     # The restored optimizer and schedule go on where the saved ones were.
-    fresh = tiny_model()
+    fresh = tiny_model(len(CLASSES))
     fresh.load_state_dict(back.model)
     fresh_optimizer, fresh_scheduler = training_parts(fresh)
     restore_training_state(load_resumable(tmp_path / "model-4.pth"), fresh_optimizer,
@@ -82,7 +77,7 @@ def test_an_epoch_checkpoint_round_trips_with_its_version(tmp_path):
 
 
 def test_a_checkpoint_without_a_version_as_written_before_it_loads(tmp_path):
-    model = tiny_model()
+    model = tiny_model(len(CLASSES))
     optimizer, scheduler = training_parts(model)
     # The dict train.py wrote before the format had a version: every key, scaler None.
     old = {"model": model.state_dict(), "model_name": "vit_tiny",
@@ -110,7 +105,7 @@ def test_a_checkpoint_without_a_version_as_written_before_it_loads(tmp_path):
 
 
 def test_a_newer_format_and_files_that_are_no_checkpoint(tmp_path):
-    model = tiny_model()
+    model = tiny_model(len(CLASSES))
     newer = {"format_version": FORMAT_VERSION + 1, "model": model.state_dict(),
              "model_args": model.model_args}
     with pytest.raises(UserError, match="format version 2"):
@@ -134,7 +129,7 @@ def test_a_damaged_pickle_inside_a_checkpoint_is_unreadable_not_a_crash(tmp_path
     import zipfile
 
     good, damaged = tmp_path / "good.pth", tmp_path / "model-0.pth"
-    model = tiny_model()
+    model = tiny_model(len(CLASSES))
     save_checkpoint(Checkpoint(model=model.state_dict(), model_args=model.model_args, epoch=0,
                                metrics={"val_acc": 0.5}), good)
     assert read_progress(good) == (0, {"val_acc": 0.5})

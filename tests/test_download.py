@@ -475,3 +475,13 @@ def test_an_existing_npz_output_that_is_not_an_archive_is_reported(tmp_path, cap
                "--url", "file:///nonexistent"])
     err = capsys.readouterr().err
     assert rc == 2 and "not a .npz archive" in err and notes.read_text() == "keep me"
+
+
+def test_a_folder_where_the_flowers_archive_goes_is_one_error_line(tmp_path, capsys) -> None:
+    in_the_way = tmp_path / "flower_photos.tgz"
+    (in_the_way / "keep").mkdir(parents=True)
+    rc = main(["flowers", "--dest", str(tmp_path), "--url", "file:///nonexistent"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == (f"error: {in_the_way} is a folder in the way of the download; "
+                               f"move it or pick another --dest.\n")
+    assert (in_the_way / "keep").is_dir()

@@ -158,7 +158,8 @@ def test_wrong_input_size_raises_a_clear_value_error():
     model = tiny().eval()
     with pytest.raises(ValueError, match=r"48x48.*32x32"):
         model(torch.randn(1, 3, 48, 48))
-    with pytest.raises(ValueError, match="img_size"):
+    with pytest.raises(ValueError, match=r"resize it to 32x32 or build the model with "
+                                          r"img_size=\(32, 40\)"):
         model(torch.randn(1, 3, 32, 40))
 
 

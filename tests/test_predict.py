@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import load, one_error_line, run_cli
 from PIL import Image
 
 import predict
@@ -257,19 +257,6 @@ def test_a_checkpoint_with_tampered_model_args_is_one_error_line(trained, tmp_pa
 CLASS_LINE = re.compile(r"^class: (\S+)\s+prob: (\d\.\d{4})$", re.M)
 
 
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def assert_user_error(code: int, err: str) -> str:
-    """Exit status 2 and exactly one line on stderr, 'error: ...', with no traceback."""
-    assert code == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), err
-    assert "Traceback" not in err
-    return lines[0]
-
-
 def parse_classes(out: str) -> list[tuple[str, float]]:
     return [(name, float(prob)) for name, prob in CLASS_LINE.findall(out)]
 
@@ -322,28 +309,28 @@ def test_predict_errors(trained_demo, tmp_path, monkeypatch):
     best = trained_demo.output_dir / "best.pth"
     code, out, err = run_cli(predict.main, [tmp_path / "missing.jpg", "--weights", best,
                                             "--device", "cpu"])
-    assert f"{tmp_path / 'missing.jpg'} does not exist" in assert_user_error(code, err)
+    assert f"{tmp_path / 'missing.jpg'} does not exist" in one_error_line(code, err)
     assert out == ""
 
     text = tmp_path / "notes.txt"
     text.write_text("not an image")
     code, out, err = run_cli(predict.main, [text, "--weights", best, "--device", "cpu"])
-    assert "notes.txt" in assert_user_error(code, err) and out == ""
+    assert "notes.txt" in one_error_line(code, err) and out == ""
 
     fake = tmp_path / "fake.jpg"
     fake.write_text("not a JPEG either")
     code, out, err = run_cli(predict.main, [fake, "--weights", best, "--device", "cpu"])
-    assert f"{fake} cannot be read as an image" in assert_user_error(code, err)
+    assert f"{fake} cannot be read as an image" in one_error_line(code, err)
     assert out == ""
 
     image = trained_demo.data / "daisy" / "daisy_0000.jpg"
     code, out, err = run_cli(predict.main, [image, "--weights", tmp_path / "nothing.pth",
                                             "--device", "cpu"])
-    assert "nothing.pth does not exist" in assert_user_error(code, err) and out == ""
+    assert "nothing.pth does not exist" in one_error_line(code, err) and out == ""
 
     monkeypatch.chdir(tmp_path)  # no ./weights here
     code, _, err = run_cli(predict.main, [image, "--device", "cpu"])
-    assert "weights" in assert_user_error(code, err)
+    assert "weights" in one_error_line(code, err)
 
 
 def test_copying_a_checkpoint_elsewhere_keeps_it_usable(trained_demo, tmp_path):
@@ -420,7 +407,7 @@ def plain_state_dict(trained, tmp_path_factory) -> tuple[Path, Path]:
 
 
 def test_a_plain_state_dict_with_class_indices_and_model_name_works_in_every_command(
-        trained, plain_state_dict, tmp_path, monkeypatch):
+        trained, plain_state_dict, tmp_path, monkeypatch, trained_demo):
     import evaluate
     import export
 
@@ -446,8 +433,9 @@ def test_a_plain_state_dict_with_class_indices_and_model_name_works_in_every_com
     assert rc == 2 and "--class-indices" in err  # nothing names the classes
 
     assert evaluate.main([str(a) for a in ["--weights", weights, *names, "--data-path", data,
-                                           "--device", "cpu", "--workers", "0", "--seed", "3",
-                                           "--val-rate", "0.25", "--output-dir",
+                                           "--device", "cpu", "--workers", "0",
+                                           "--seed", trained_demo.seed,
+                                           "--val-rate", trained_demo.val_rate, "--output-dir",
                                            tmp_path / "eval"]]) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     checkpoint = torch.load(ckpt, weights_only=True)
@@ -589,11 +577,6 @@ def test_bad_grad_cam_flags_exit_2_with_one_line(trained, tmp_path, flags, needl
 
 
 # --------------------------------------------------------------------------- hostile inputs
-
-
-def one_error_line(rc: int, err: str, code: int = 2) -> str:
-    assert rc == code and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
-    return err
 
 
 @pytest.mark.parametrize("name", ["figure.txt", "figure", "a_folder"])

@@ -6,13 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load
 
 import reproduce
 from demo_data import make_demo_flowers
-
-
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")

@@ -76,7 +76,7 @@ BAD_FLAGS = [
     ["--drop-path", "1.5"], ["--drop-path", "1"], ["--drop-path", "-0.1"],
     ["--epochs", "0"], ["--batch-size", "0"], ["--accum-steps", "0"],
     ["--val-rate", "0"], ["--val-rate", "1"], ["--val-rate", "nan"],
-    ["--keep", "0"], ["--keep", "-1"], ["--num-classes", "0"],
+    ["--keep", "0"], ["--keep", "-1"], ["--num-classes", "0"], ["--frozen-batch", "-1"],
 ]
 
 

@@ -112,3 +112,5 @@ def test_a_folder_that_cannot_be_made_is_one_error_line(tmp_path: Path, monkeypa
         f"error: Cannot write {refused} (Permission denied); check the folder and the free "
         f"space."], err
     assert not refused.exists()
+    # Nothing of the refused run is left, not even the other folder made just before.
+    assert not (tmp_path / "weights").exists() and not (tmp_path / "runs").exists()
