@@ -19,6 +19,8 @@ Sections (in the order they run):
             torchvision's ImageFolder with the same transforms, and
             device_data.DeviceTrainLoader (decoding once, then epochs on the device), over a
             generated stand-in folder (--data).
+  memory    peak GPU memory of unfrozen SGD steps, ViT-B/16 and ViT-L/16, with and without
+            --grad-checkpointing (--memory, CUDA only).
   e2e       wall-clock seconds of whole training runs on the stand-in at each of
             --e2e-batch-sizes (default: --e2e-batch-size, 32): the reference pipeline
             (ImageFolder + timm ViT, the report's transforms, bf16 on CUDA, SGD as the report)
@@ -27,8 +29,11 @@ Sections (in the order they run):
             device_data's loaders + our model in the reference's loop).
   cache     frozen --no-augment train.py runs: one backbone pass per batch, grouped
             (--frozen-batch 128) and from cached training features (--e2e-cache).
-  memory    peak GPU memory of unfrozen SGD steps, ViT-B/16 and ViT-L/16, with and without
-            --grad-checkpointing (--memory, CUDA only).
+
+Whole runs (memory, e2e, cache) are kept in --json as each ends, so a command killed by a
+time limit keeps what it measured; --time-budget SECONDS starts no run after that many
+seconds, and the e2e runs go most wanted first (the reference and train.py as it comes, at
+every batch and mode, before any variant).
 
 The stand-in for flower_photos has the same class counts (3670 images, 2939 / 731 after the
 split) and JPEGs of the same size and weight (500x375, about 24 KiB), drawn from
@@ -55,6 +60,7 @@ import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -62,14 +68,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from checkpoints import newest_epoch_checkpoint, peek_checkpoint
+from checkpoints import atomic_write_bytes, newest_epoch_checkpoint, peek_checkpoint
 from cli import run_main
 from demo_data import draw_image
 from download import FLOWER_CLASS_COUNTS
-from errors import UserError
+from errors import UserError, check_output_file, writing
 from my_dataset import MyDataSet, build_transforms
-from utils import read_split_data
-from vit_model import create_model, list_models
+from utils import autocast, read_split_data
+from vit_model import VisionTransformer, create_model, list_models
 
 STANDIN_SIZE = (500, 375)  # width, height: flower_photos' most common size
 # Quality 75 with this noise gives ~24 KiB files, as flower_photos' average.
@@ -143,19 +149,43 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """Autocast in `dtype`, or nothing for float32."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def free_memory(device: torch.device) -> None:
     import gc
 
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+@dataclass
+class Progress:
+    """What the sections measured so far, rewritten to --json after every whole run (a run
+    cut off by a time limit keeps the rows before it), and --time-budget: the seconds from
+    the benchmark's start after which no new run starts."""
+
+    results: dict
+    json_path: Path | None
+    budget_s: float | None
+    start: float = field(default_factory=time.perf_counter)
+    not_started: list[str] = field(default_factory=list)
+
+    def may_start(self, label: str) -> bool:
+        """Whether the run `label` fits the budget; if not, it is listed as not started."""
+        if self.budget_s is None or time.perf_counter() - self.start < self.budget_s:
+            return True
+        self.not_started.append(label)
+        return False
+
+    def keep(self, section: str, row: dict) -> None:
+        """One more row of `section`, saved now; the section's whole table replaces these
+        rows when it ends."""
+        self.results.setdefault(section, []).append(row)
+        self.save()
+
+    def save(self) -> None:
+        if self.json_path is not None:
+            atomic_write_bytes(self.json_path,
+                               (json.dumps(self.results, indent=2) + "\n").encode())
 
 
 def format_table(headers: list[str], rows: list[list]) -> str:
@@ -204,6 +234,9 @@ def versions() -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- model section
+
+PEERS = ("ours", "timm", "torchvision")  # the model section's models, by --models name
+
 
 def peer_models(model_name: str, wanted: list[str]) -> list[tuple[str, Callable[[], nn.Module],
                                                                   str]]:
@@ -289,7 +322,7 @@ def time_train(model: nn.Module, run: Callable, args: argparse.Namespace, device
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step() -> None:
-        with autocast(device, dtype):
+        with autocast(device.type, dtype):
             loss = loss_fn(run(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -306,7 +339,7 @@ def time_inference(model: nn.Module, run: Callable, args: argparse.Namespace,
     x = torch.randn(args.infer_batch_size, 3, size, size, device=device)
 
     def step() -> None:
-        with torch.inference_mode(), autocast(device, dtype):
+        with torch.inference_mode(), autocast(device.type, dtype):
             run(x)
 
     model.eval()
@@ -339,15 +372,14 @@ def profile_step(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     y = torch.randint(0, 5, (args.batch_size,), device=device)
     fused = {"fused": True} if device.type == "cuda" else {}
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, **fused)
-    amp = dict(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
     run = model
     if graphed:  # autocast's weight cache cannot live across graph replays
-        with torch.autocast(**amp, cache_enabled=False):
+        with autocast(device.type, dtype, cache_enabled=False):
             run = torch.cuda.make_graphed_callables(model, (x,))
     loss_fn = nn.CrossEntropyLoss()
 
     def step() -> None:
-        with torch.autocast(**amp, cache_enabled=not graphed):
+        with autocast(device.type, dtype, cache_enabled=not graphed):
             loss = loss_fn(run(x).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -561,7 +593,7 @@ def run_loop(args: argparse.Namespace, device: torch.device, dtype: torch.dtype 
         for images, labels in train_loader:
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            with autocast(device, dtype):
+            with autocast(device.type, dtype):
                 loss = loss_fn(model(images), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -574,7 +606,7 @@ def run_loop(args: argparse.Namespace, device: torch.device, dtype: torch.dtype 
             for images, labels in val_loader:
                 images = images.to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
-                with autocast(device, dtype):
+                with autocast(device.type, dtype):
                     correct += (model(images).argmax(1) == labels).sum()
                 seen += labels.shape[0]
     accuracy = correct.item() / max(seen, 1)  # .item() waits for the device
@@ -653,7 +685,7 @@ def e2e_variants(text: str, mode: str) -> list[tuple[str, ...]]:
 
 
 def e2e_section(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None,
-                root: Path, log: Path, notes: list[str]) -> list[dict]:
+                root: Path, log: Path, notes: list[str], progress: Progress) -> list[dict]:
     try:
         import timm  # noqa: F401
     except ImportError:
@@ -661,18 +693,26 @@ def e2e_section(args: argparse.Namespace, device: torch.device, dtype: torch.dty
         have_timm = False
     else:
         have_timm = True
-    rows = []
-    for batch_args in per_batch_args(args):
-        for mode in [m.strip() for m in args.e2e_modes.split(",") if m.strip()]:
-            rows += e2e_runs(batch_args, device, dtype, root, log, notes, mode, have_timm)
+    rows = timed_rows(device, notes, progress, "e2e",
+                      e2e_plan(args, device, dtype, root, log, notes, have_timm))
     for row in rows:
         reference = next((r for r in rows if (r["mode"], r["batch"]) == (row["mode"], row["batch"])
                           and r["pipeline"].startswith("reference")), None)
         row["speedup_vs_reference"] = (reference["seconds"] / row["seconds"]
                                        if reference else None)
+    # The table by batch and mode, each group in the order its runs were planned.
+    batches, modes = e2e_batch_sizes(args), e2e_modes(args)
+    rows.sort(key=lambda r: (batches.index(r["batch"]), modes.index(r["mode"])))
     add_mfu(rows, args, device, dtype, notes)
     print_e2e_table(rows)
     return rows
+
+
+E2E_MODES = ("frozen", "unfrozen")
+
+
+def e2e_modes(args: argparse.Namespace) -> list[str]:
+    return [m.strip() for m in args.e2e_modes.split(",") if m.strip()]
 
 
 def e2e_batch_sizes(args: argparse.Namespace) -> list[int]:
@@ -687,57 +727,83 @@ def per_batch_args(args: argparse.Namespace) -> list[argparse.Namespace]:
             for batch in e2e_batch_sizes(args)]
 
 
-Run = tuple[str, Callable[[], dict]]  # (pipeline name, the run: its result dict)
+@dataclass
+class PlannedRun:
+    """One whole run of a table: its mode, its args (e2e_batch_size is its batch), its
+    pipeline's name, and the run itself, which returns its result dict."""
+
+    mode: str
+    args: argparse.Namespace
+    pipeline: str
+    run: Callable[[], dict]
+
+    @property
+    def label(self) -> str:
+        return f"{self.mode}, batch {self.args.e2e_batch_size}: {self.pipeline}"
 
 
-def e2e_runs(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None,
-             root: Path, log: Path, notes: list[str], mode: str, have_timm: bool) -> list[dict]:
-    """One mode's runs at args.e2e_batch_size: the reference, train.py plain and with each
-    of --e2e-variants' flag sets, then the projection."""
-    frozen = mode == "frozen"
-    runs: list[Run] = []
-    if have_timm:
-        runs.append(("reference: ImageFolder + timm",
-                     lambda: run_loop(args, device, dtype, root, frozen, "reference")))
-    runs += train_py_runs(args, device, root, log, notes, frozen,
-                          [(), *e2e_variants(args.e2e_variants, mode)])
-    if args.e2e_projection:
-        runs.append(("device_data loaders + ours (loop here)",
-                     lambda: run_loop(args, device, dtype, root, frozen, "projection")))
-    return timed_rows(args, device, notes, mode, runs)
+def e2e_plan(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None,
+             root: Path, log: Path, notes: list[str], have_timm: bool) -> list[PlannedRun]:
+    """Every e2e run, most wanted first: at each batch and mode the reference and train.py as
+    a user runs it (the issue's target rows), then train.py with each of --e2e-variants' flag
+    sets, then the projection. A --time-budget cuts from the end."""
+    targets, variants, projections = [], [], []
+    for batch_args in per_batch_args(args):
+        for mode in e2e_modes(args):
+            frozen = mode == "frozen"
+            if have_timm:
+                targets.append(PlannedRun(mode, batch_args, "reference: ImageFolder + timm",
+                                          functools.partial(run_loop, batch_args, device, dtype,
+                                                            root, frozen, "reference")))
+            plain, *extra = train_py_runs(batch_args, device, root, log, notes, mode,
+                                          [(), *e2e_variants(args.e2e_variants, mode)])
+            targets.append(plain)
+            variants += extra
+            if args.e2e_projection:
+                projections.append(PlannedRun(
+                    mode, batch_args, "device_data loaders + ours (loop here)",
+                    functools.partial(run_loop, batch_args, device, dtype, root, frozen,
+                                      "projection")))
+    return targets + variants + projections
 
 
 def train_py_runs(args: argparse.Namespace, device: torch.device, root: Path, log: Path,
-                  notes: list[str], frozen: bool, variants: list[tuple[str, ...]]
-                  ) -> list[Run]:
+                  notes: list[str], mode: str, variants: list[tuple[str, ...]]
+                  ) -> list[PlannedRun]:
     """A train.py run for each flag set in `variants`, named by its flags."""
-    return [(" ".join(("train.py", *variant)),
-             lambda v=variant: run_train_py(args, device, root, frozen, log, notes, v))
+    return [PlannedRun(mode, args, " ".join(("train.py", *variant)),
+                       functools.partial(run_train_py, args, device, root, mode == "frozen",
+                                         log, notes, variant))
             for variant in variants]
 
 
-def timed_rows(args: argparse.Namespace, device: torch.device, notes: list[str], mode: str,
-               runs: list[Run]) -> list[dict]:
-    """Each run in turn, as a row of the e2e table; a failed run becomes a failed row."""
+def timed_rows(device: torch.device, notes: list[str], progress: Progress, section: str,
+               runs: list[PlannedRun]) -> list[dict]:
+    """Each run in turn, as a row of `section`'s table, kept in the JSON as soon as it ends;
+    a failed run becomes a failed row, and a run the time budget has no room for is not
+    started."""
     rows = []
-    for name, run in runs:
-        print(f"  {mode}, batch {args.e2e_batch_size}: {name} ...", flush=True)
+    for planned in runs:
+        if not progress.may_start(planned.label):
+            continue
+        print(f"  {planned.label} ...", flush=True)
         try:
-            result = run()
+            result = planned.run()
         except Exception as err:  # one failed run must not lose the others
             traceback.print_exc()
-            notes.append(f"{mode} {name} failed: {type(err).__name__}: {err}")
+            notes.append(f"{planned.label} failed: {type(err).__name__}: {err}")
             result = {"seconds": math.nan, "val_acc": None, "ok": False}
             free_memory(device)
-        rows.append({"mode": mode, "batch": args.e2e_batch_size, "pipeline": name,
-                     "epochs": args.e2e_epochs, "seconds": result["seconds"],
-                     "s_per_epoch": result["seconds"] / args.e2e_epochs,
+        epochs = planned.args.e2e_epochs
+        rows.append({"mode": planned.mode, "batch": planned.args.e2e_batch_size,
+                     "pipeline": planned.pipeline, "epochs": epochs,
+                     "seconds": result["seconds"], "s_per_epoch": result["seconds"] / epochs,
                      "val_acc": result["val_acc"], "ok": result["ok"],
                      "train_img_s": result.get("train_img_s"),
                      **({"argv": result["argv"]} if "argv" in result else {})})
+        progress.keep(section, rows[-1])
         # Each result as it comes: a run cut short by a time limit keeps the earlier ones.
-        print(f"  {mode}, batch {args.e2e_batch_size}: {name}: {result['seconds']:.1f} s",
-              flush=True)
+        print(f"  {planned.label}: {result['seconds']:.1f} s", flush=True)
     return rows
 
 
@@ -761,14 +827,17 @@ CACHE_ROW_VARIANTS = (("--no-augment",),
 
 
 def cache_section(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None,
-                  root: Path, log: Path, notes: list[str]) -> list[dict]:
+                  root: Path, log: Path, notes: list[str], progress: Progress) -> list[dict]:
     """CACHE_ROW_VARIANTS' frozen train.py runs; speed-up against the per-batch one."""
     rows = []
     for batch_args in per_batch_args(args):
-        runs = timed_rows(batch_args, device, notes, "frozen", train_py_runs(
-            batch_args, device, root, log, notes, True, list(CACHE_ROW_VARIANTS)))
+        runs = timed_rows(device, notes, progress, "cache", train_py_runs(
+            batch_args, device, root, log, notes, "frozen", list(CACHE_ROW_VARIANTS)))
+        per_batch = runs[0] if runs and runs[0]["pipeline"] == " ".join(
+            ("train.py", *CACHE_ROW_VARIANTS[0])) else None
         for row in runs:
-            row["speedup_vs_reference"] = runs[0]["seconds"] / row["seconds"]
+            row["speedup_vs_reference"] = (per_batch["seconds"] / row["seconds"]
+                                           if per_batch else None)
         rows += runs
     add_mfu(rows, args, device, dtype, notes)
     print_e2e_table(rows)
@@ -813,32 +882,40 @@ MEMORY_MODELS = ("vit_base_patch16_224", "vit_large_patch16_224")
 
 
 def memory_section(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None,
-                   notes: list[str]) -> list[dict]:
+                   notes: list[str], progress: Progress) -> list[dict]:
     """Peak memory and speed of unfrozen SGD steps, with and without gradient checkpointing."""
     if device.type != "cuda":
         notes.append("the memory section needs CUDA (its allocator counts the peak); skipped.")
         return []
     rows = []
     for model_name in MEMORY_MODELS:
+        model = None  # made once per model, when its first row may start
         for batch in e2e_batch_sizes(args):
             for checkpointing in (False, True):
-                print(f"  {model_name}, batch {batch}, checkpointing {checkpointing} ...",
-                      flush=True)
+                label = f"{model_name}, batch {batch}, checkpointing {checkpointing}"
+                if not progress.may_start(label):
+                    continue
+                print(f"  {label} ...", flush=True)
+                if model is None:
+                    model = create_model(model_name, num_classes=5).to(device)
                 rows.append({"model": model_name, "batch": batch,
                              "grad_checkpointing": checkpointing,
-                             **memory_row(model_name, batch, checkpointing, args, device,
-                                          dtype)})
-                free_memory(device)
+                             **memory_row(model, batch, checkpointing, args, device, dtype)})
+                progress.keep("memory", rows[-1])
+        del model
+        free_memory(device)
     print(format_table(["model", "batch", "grad checkpointing", "peak GiB", "train img/s"],
                        [[r["model"], r["batch"], "on" if r["grad_checkpointing"] else "off",
                          r["peak_gib"], r["img_s"]] for r in rows]))
     return rows
 
 
-def memory_row(model_name: str, batch: int, checkpointing: bool, args: argparse.Namespace,
-               device: torch.device, dtype: torch.dtype | None) -> dict:
-    model = create_model(model_name, num_classes=5).to(device).train()
-    model.set_grad_checkpointing(checkpointing)
+def memory_row(model: VisionTransformer, batch: int, checkpointing: bool,
+               args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None
+               ) -> dict:
+    """Peak GiB and images/s of SGD steps at `batch`; the momentum buffers are made anew, so
+    each row counts the same tensors: weights, gradients, momentum and activations."""
+    model.train().set_grad_checkpointing(checkpointing)
     size = model.image_size
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 5, (batch,), device=device)
@@ -846,7 +923,7 @@ def memory_row(model_name: str, batch: int, checkpointing: bool, args: argparse.
     loss_fn = nn.CrossEntropyLoss()
 
     def step() -> None:
-        with autocast(device, dtype):
+        with autocast(device.type, dtype):
             loss = loss_fn(model(x).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -857,7 +934,8 @@ def memory_row(model_name: str, batch: int, checkpointing: bool, args: argparse.
     torch.cuda.reset_peak_memory_stats(device)
     seconds = time_loop(step, device, 1, args.steps, 1)
     peak = torch.cuda.max_memory_allocated(device) / 2**30
-    return {"peak_gib": peak, "img_s": batch / seconds}  # its tensors go when it returns
+    optimizer.zero_grad(set_to_none=True)  # the next row starts without this one's tensors
+    return {"peak_gib": peak, "img_s": batch / seconds}
 
 
 # --------------------------------------------------------------------------- MFU
@@ -927,8 +1005,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="the model section")
     parser.add_argument("--model-name", default="vit_base_patch16_224", choices=list_models(),
                         metavar="NAME", help="our registry name; the peers match its config")
-    parser.add_argument("--models", default="ours,timm,torchvision",
-                        help="comma-separated subset of ours,timm,torchvision")
+    parser.add_argument("--models", default=",".join(PEERS),
+                        help=f"comma-separated subset of {','.join(PEERS)}")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="train batch of the model section (default: 128 CUDA, 4 CPU)")
     parser.add_argument("--infer-batch-size", type=int, default=None,
@@ -954,8 +1032,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--e2e-batch-sizes", default=None, metavar="B,B",
                         help="comma-separated batches of the e2e runs, each a full set "
                              "(default: --e2e-batch-size)")
-    parser.add_argument("--e2e-modes", default="frozen,unfrozen",
-                        help="comma-separated subset of frozen,unfrozen")
+    parser.add_argument("--e2e-modes", default=",".join(E2E_MODES),
+                        help=f"comma-separated subset of {','.join(E2E_MODES)}")
     parser.add_argument("--e2e-scale", type=float, default=1.0,
                         help="fraction of flower_photos' 3670 images in the stand-in")
     parser.add_argument("--e2e-device-data", action=argparse.BooleanOptionalAction,
@@ -989,11 +1067,49 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="DataLoader workers of --data and --e2e")
     parser.add_argument("--standin", default=None,
                         help="stand-in folder to make or reuse (default: a temporary one)")
-    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                        help="start no memory, e2e or cache run after this many seconds from "
+                             "the start, most wanted runs first; those not started are named "
+                             "in a note (a run already going finishes: leave room for the "
+                             "longest under a hard limit)")
+    parser.add_argument("--json", default=None,
+                        help="also write the results here, after every whole run")
     parser.add_argument("--train-log", default=None,
                         help="train.py's output from --e2e and --e2e-cache (default: next to "
                              "--json, else a temporary file)")
     return parser
+
+
+def range_problems(args: argparse.Namespace) -> list[str]:
+    """What is out of range among the flags, each as one sentence."""
+    def too_small(flag: str, low: int) -> list[str]:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        return [] if value is None or value >= low else [
+            f"{flag} must be at least {low}, got {value}."]
+
+    problems = [problem for flag, low in (
+        ("--batch-size", 1), ("--infer-batch-size", 1), ("--steps", 1), ("--warmup", 0),
+        ("--repeats", 1), ("--img-size", 1), ("--e2e-epochs", 1), ("--e2e-batch-size", 1),
+        ("--workers", 0), ("--backbone-images", 1)) for problem in too_small(flag, low)]
+    for flag, text in (("--e2e-batch-sizes", args.e2e_batch_sizes),
+                       ("--backbone-batches", args.backbone_batches)):
+        numbers = [b.strip() for b in (text or "").split(",") if b.strip()]
+        if text is not None and not (numbers and all(b.isdigit() and int(b) >= 1
+                                                     for b in numbers)):
+            problems.append(f"{flag} must be batch sizes of at least 1 separated by commas, "
+                            f"got {text!r}.")
+    for flag, text, allowed in (("--e2e-modes", args.e2e_modes, E2E_MODES),
+                                ("--models", args.models, PEERS)):
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        if not names or not set(names) <= set(allowed):
+            problems.append(f"{flag} must name some of {', '.join(allowed)}, got {text!r}.")
+    if not (math.isfinite(args.e2e_scale) and args.e2e_scale > 0):
+        problems.append(f"--e2e-scale must be a positive fraction, got {args.e2e_scale}.")
+    for flag, value in (("--peak-tflops", args.peak_tflops),
+                        ("--time-budget", args.time_budget)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            problems.append(f"{flag} must be a number of 0 or more, got {value}.")
+    return problems
 
 
 def fill_defaults(args: argparse.Namespace, device: torch.device) -> None:
@@ -1036,13 +1152,20 @@ def prepare_standin(args: argparse.Namespace, stack: contextlib.ExitStack, resul
 
 
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    problems = range_problems(args)
+    if problems:
+        raise UserError(problems[0])
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but CUDA is not available; pass --device cpu.")
     fill_defaults(args, device)
     dtype = {"bf16": torch.bfloat16, "fp32": None}[args.dtype]
+    json_path = output_file(args.json, "--json")
+    train_log = output_file(args.train_log, "--train-log")
     results: dict = {"header": run_header(args, device, argv), "notes": []}
     notes: list[str] = results["notes"]
+    progress = Progress(results, json_path, args.time_budget)
+    progress.save()  # an unwritable --json fails here, before anything is measured
     failed = False
 
     def section(name: str, run: Callable[[], list[dict]]) -> None:
@@ -1054,9 +1177,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
             failed = True
             notes.append(f"the {name} section failed: {type(err).__name__}: {err}")
             traceback.print_exc()
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        progress.save()
 
     with contextlib.ExitStack() as stack:
         root = None
@@ -1084,34 +1205,49 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
             print(f"\nData ({args.img_size} px, one training epoch over the stand-in's "
                   f"training split):", flush=True)
             section("data", lambda: data_section(args, device, root))
+        if args.memory:  # before the whole runs: seconds, where a time budget cuts from the end
+            print(f"\nPeak memory, unfrozen SGD steps, {args.dtype}:", flush=True)
+            section("memory", lambda: memory_section(args, device, dtype, notes, progress))
         if args.e2e or args.e2e_cache:
-            log = Path(args.train_log) if args.train_log else (
-                Path(args.json).with_suffix(".train.log") if args.json
-                else Path(stack.enter_context(tempfile.TemporaryDirectory())) / "train.log")
-            log.parent.mkdir(parents=True, exist_ok=True)
-            log.write_text("")
+            log = train_log or (json_path.with_suffix(".train.log") if json_path else Path(
+                stack.enter_context(tempfile.TemporaryDirectory())) / "train.log")
+            with writing(log):
+                log.write_text("")
             if args.e2e:
                 print(f"\nEnd to end ({args.e2e_model}, batch "
                       f"{','.join(map(str, e2e_batch_sizes(args)))}, {args.e2e_epochs} epochs, "
                       f"{args.workers} workers, {args.dtype}; speed-up = reference seconds / "
                       f"these; train.py output in {log}):", flush=True)
-                section("e2e", lambda: e2e_section(args, device, dtype, root, log, notes))
+                section("e2e", lambda: e2e_section(args, device, dtype, root, log, notes,
+                                                   progress))
             if args.e2e_cache:
                 print(f"\nFrozen, --no-augment ({args.e2e_model}, {args.e2e_epochs} epochs; "
                       f"speed-up = the per-batch run's seconds / these):", flush=True)
-                section("cache", lambda: cache_section(args, device, dtype, root, log, notes))
-        if args.memory:
-            print(f"\nPeak memory, unfrozen SGD steps, {args.dtype}:", flush=True)
-            section("memory", lambda: memory_section(args, device, dtype, notes))
+                section("cache", lambda: cache_section(args, device, dtype, root, log, notes,
+                                                       progress))
+    if progress.not_started:
+        results["not_started"] = progress.not_started
+        notes.append(f"--time-budget {args.time_budget:g} s ran out before "
+                     f"{len(progress.not_started)} runs: {'; '.join(progress.not_started)}.")
     results["notes"] = notes = list(dict.fromkeys(notes))  # each once
     for note in notes:
         print(f"note: {note}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-        print(f"Results written to {args.json}")
+    progress.save()
+    if json_path:
+        print(f"Results written to {json_path}")
     failed = failed or not all(r.get("ok", True)
                                for r in results.get("e2e", []) + results.get("cache", []))
     return 1 if failed else 0
+
+
+def output_file(path: str | None, flag: str) -> Path | None:
+    """A file the benchmark writes, its folder made, checked before any measuring."""
+    if not path:
+        return None
+    path = check_output_file(path, flag)
+    with writing(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

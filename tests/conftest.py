@@ -121,6 +121,28 @@ def train_argv(data: Path, out: Path, *extra: object, **overrides: object) -> li
     return argv + [str(word) for word in extra]
 
 
+CURVES = ("train_loss", "train_acc", "val_loss", "val_acc")
+
+
+def epoch_checkpoints(out: Path, epochs: int) -> list[dict]:
+    """The first `epochs` epoch checkpoints a train.py run wrote into out/weights."""
+    return [load(out / "weights" / f"model-{epoch}.pth") for epoch in range(epochs)]
+
+
+def assert_same_training(plain: list[dict], fast: list[dict], atol: float = 1e-5) -> None:
+    """Every epoch's curves and the last model equal within atol; the head did move."""
+    import torch
+
+    for epoch, (a, b) in enumerate(zip(plain, fast, strict=True)):
+        for name in CURVES:
+            assert a["metrics"][name] == pytest.approx(b["metrics"][name], abs=atol), (
+                epoch, name)
+        assert a["samples"] == b["samples"]
+    for key, value in plain[-1]["model"].items():
+        torch.testing.assert_close(fast[-1]["model"][key], value, rtol=0, atol=atol, msg=key)
+    assert plain[-1]["model"]["head.weight"].abs().sum() > 0  # the head did move
+
+
 def run_cli(main, argv: list[object]) -> tuple[int, str, str]:
     """Call a script's main(argv) in-process; return its exit code, stdout and stderr."""
     out, err = io.StringIO(), io.StringIO()

@@ -126,3 +126,77 @@ def test_benchmark_runs_every_section(tmp_path, capsys):
     # Grouping and the cache ran, not the per-batch loop with a note.
     assert "Frozen backbone: one forward pass per" in log and "Training features:" in log
     assert "--frozen-batch is off" not in log and "--cache-train-features is off" not in log
+
+
+def planned_labels(argv: list[str], tmp_path: Path) -> list[str]:
+    args = benchmark.get_args_parser().parse_args(["--device", "cpu", *argv])
+    benchmark.fill_defaults(args, torch.device("cpu"))
+    plan = benchmark.e2e_plan(args, torch.device("cpu"), None, tmp_path, tmp_path / "log",
+                              [], have_timm=True)
+    return [run.label for run in plan]
+
+
+def test_the_issues_target_rows_run_before_the_variants_and_the_projection(tmp_path):
+    labels = planned_labels(["--e2e-batch-sizes", "8,32", "--e2e-projection",
+                             "--e2e-variants=frozen:--frozen-batch 256;unfrozen:--compile"],
+                            tmp_path)
+    targets = [f"{mode}, batch {batch}: {pipeline}" for batch in (8, 32)
+               for mode in ("frozen", "unfrozen")
+               for pipeline in ("reference: ImageFolder + timm", "train.py")]
+    assert labels == targets + [
+        "frozen, batch 8: train.py --frozen-batch 256", "unfrozen, batch 8: train.py --compile",
+        "frozen, batch 32: train.py --frozen-batch 256", "unfrozen, batch 32: train.py --compile",
+        *(f"{mode}, batch {batch}: device_data loaders + ours (loop here)"
+          for batch in (8, 32) for mode in ("frozen", "unfrozen"))]
+
+
+TINY_E2E = ["--device", "cpu", "--no-model", "--workers", "0", "--e2e", "--e2e-scale", "0.01",
+            "--e2e-epochs", "1", "--e2e-model", "vit_demo_patch8_64", "--e2e-modes", "frozen"]
+
+
+def test_a_spent_time_budget_starts_no_run_and_names_each_one(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    status = benchmark.main([*TINY_E2E, "--e2e-cache", "--time-budget", "0",
+                             "--standin", str(tmp_path / "standin"), "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    results = json.loads(out.read_text())
+    assert results["e2e"] == results["cache"] == []
+    assert results["not_started"] == [
+        "frozen, batch 32: reference: ImageFolder + timm", "frozen, batch 32: train.py",
+        *(f"frozen, batch 32: train.py {' '.join(flags)}"
+          for flags in benchmark.CACHE_ROW_VARIANTS)]
+    assert "--time-budget 0 s ran out before 5 runs" in printed
+    assert not (tmp_path / "bench.train.log").read_text()  # train.py never ran
+
+
+def test_an_interrupted_benchmark_keeps_the_runs_it_finished(tmp_path, monkeypatch, capsys):
+    def interrupted(argv):  # Ctrl-C during the second run (train.py's)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "main", interrupted)
+    out = tmp_path / "bench.json"
+    status = benchmark.main([*TINY_E2E, "--standin", str(tmp_path / "standin"),
+                             "--json", str(out)])
+    assert status == 130, capsys.readouterr()
+    rows = json.loads(out.read_text())["e2e"]
+    assert [(r["pipeline"], r["ok"]) for r in rows] == [("reference: ImageFolder + timm", True)]
+    assert rows[0]["seconds"] > 0 and 0 <= rows[0]["val_acc"] <= 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--steps", "0"], "--steps must be at least 1, got 0."),
+    (["--e2e-batch-sizes", "8,0"], "--e2e-batch-sizes must be batch sizes of at least 1"),
+    (["--backbone-batches", "two"], "--backbone-batches must be batch sizes of at least 1"),
+    (["--e2e-modes", "frozen,fine-tuned"], "--e2e-modes must name some of frozen, unfrozen"),
+    (["--models", "ours,deit"], "--models must name some of ours, timm, torchvision"),
+    (["--e2e-scale", "-1"], "--e2e-scale must be a positive fraction"),
+    (["--time-budget", "inf"], "--time-budget must be a number of 0 or more"),
+])
+def test_out_of_range_flags_stop_before_anything_is_written(tmp_path, capsys, flags, message):
+    out = tmp_path / "out" / "bench.json"
+    status = benchmark.main(["--device", "cpu", "--e2e", "--standin", str(tmp_path / "standin"),
+                             "--json", str(out), *flags])
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists() and not (tmp_path / "standin").exists()

@@ -1,4 +1,5 @@
-"""The CUDA-only paths: CUDA graphs (cuda_graphs.py) and checkpoint copies from the GPU.
+"""The CUDA-only paths: CUDA graphs (cuda_graphs.py), the frozen paths and checkpoint copies
+from the GPU.
 
 CudaGraphModel: which batches replay the graphs, and that training is unchanged.
 
@@ -6,8 +7,9 @@ Capturing needs CUDA. On the CPU the capture function is replaced by one that re
 it is given and runs the module eagerly, which tests the routing (training batches to the
 graphs, the short last batch padded; evaluation and no-grad calls eagerly) and the fallback
 when capturing fails, for the plain model and for a torch.compile'd one (--compile). The CUDA
-tests (run on a GPU machine) compare real graphs with eager steps, and train.py's compiled and
-graphed run with its graphed-only one.
+tests (run on a GPU machine) compare real graphs with eager steps (also of a model with
+gradient checkpointing), train.py's compiled and graphed run with its graphed-only one, and
+the frozen backbone's grouped and cached paths with the per-batch loop.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import copy
 
 import pytest
 import torch
-from conftest import random_loader, tiny_model, train_argv
+from conftest import assert_same_training, epoch_checkpoints, random_loader, tiny_model, train_argv
 from torch.utils.data import DataLoader
 
 import train
@@ -241,6 +243,45 @@ def test_cuda_graphs_train_like_eager_steps(amp_dtype, accum_steps):
         assert g.loss == pytest.approx(e.loss, rel=tolerance, abs=tolerance)
     for a, b in zip(eager.parameters(), graphed_model.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=tolerance, atol=tolerance)
+
+
+@cuda
+def test_graphs_of_a_checkpointed_model_train_like_eager_steps():
+    # --grad-checkpointing with CUDA graphs: the capture records the blocks' recomputation in
+    # the backward graph, and the steps stay those of the plain eager model.
+    torch.backends.cudnn.benchmark = False
+    eager = tiny_model().cuda()
+    graphed_model = copy.deepcopy(eager)
+    graphed_model.set_grad_checkpointing(True)
+    graphed = CudaGraphModel(graphed_model)
+    eager_stats = train_epochs(eager, batches("cuda"), "cuda")
+    graphed_stats = train_epochs(graphed, batches("cuda"), "cuda")
+
+    assert graphed.graphed is not None and not graphed.failed
+    for e, g in zip(eager_stats, graphed_stats, strict=True):
+        assert g.loss == pytest.approx(e.loss, rel=1e-5, abs=1e-5)
+    for a, b in zip(eager.parameters(), graphed_model.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+@cuda
+@pytest.mark.parametrize(("fast", "says"), [
+    (("--frozen-batch", "24"), "Frozen backbone: one forward pass per 24 images"),
+    (("--no-augment", "--cache-train-features"), "computed once and kept on cuda"),
+], ids=["grouped", "cached"])
+def test_the_frozen_paths_give_the_per_batch_updates_on_cuda(demo_flowers, tmp_path, capsys,
+                                                             fast, says):
+    # float32 without TF32 on both sides, and CUDA graphs off (they take precedence over both
+    # paths): what is left is cuBLAS's choice of kernels for other batch sizes.
+    common = dict(device="cuda", epochs=2, freeze_layers=True, lr=0.05, amp=False, tf32=False,
+                  cuda_graphs=False)
+    same_data = [flag for flag in fast if flag == "--no-augment"]
+    assert train.main(train_argv(demo_flowers, tmp_path / "plain", *same_data, **common)) == 0
+    capsys.readouterr()
+    assert train.main(train_argv(demo_flowers, tmp_path / "fast", *fast, **common)) == 0
+    assert says in capsys.readouterr().out
+    assert_same_training(epoch_checkpoints(tmp_path / "plain", 2),
+                         epoch_checkpoints(tmp_path / "fast", 2), atol=1e-4)
 
 
 @cuda

@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_same_training, epoch_checkpoints
 from torch import nn
 
 import train
 from distributed import Distributed
 from frozen_features import CachedTokens, backbone_randomness, plan_frozen_head
 from vit_model import VisionTransformer, create_model
-
-CURVES = ("train_loss", "train_acc", "val_loss", "val_acc")
 
 
 def run_train(data: Path, out: Path, *extra) -> tuple[int, str, str]:
@@ -29,24 +28,6 @@ def run_train(data: Path, out: Path, *extra) -> tuple[int, str, str]:
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         code = train.main([str(a) for a in argv])
     return code, stdout.getvalue(), stderr.getvalue()
-
-
-def checkpoints(out: Path, epochs: int) -> list[dict]:
-    return [torch.load(out / "weights" / f"model-{epoch}.pth", map_location="cpu",
-                       weights_only=True) for epoch in range(epochs)]
-
-
-def assert_same_training(plain: list[dict], fast: list[dict]) -> None:
-    """Every epoch's curves and the last head equal within 1e-5; the backbone untouched."""
-    for epoch, (a, b) in enumerate(zip(plain, fast, strict=True)):
-        for name in CURVES:
-            assert a["metrics"][name] == pytest.approx(b["metrics"][name], abs=1e-5), (
-                epoch, name)
-        assert a["samples"] == b["samples"]
-    for key, value in plain[-1]["model"].items():
-        torch.testing.assert_close(fast[-1]["model"][key], value, rtol=0, atol=1e-5,
-                                   msg=key)
-    assert plain[-1]["model"]["head.weight"].abs().sum() > 0  # the head did move
 
 
 # --------------------------------------------------------------------------- frozen backbone
@@ -61,7 +42,8 @@ def test_grouped_backbone_passes_give_the_per_batch_updates(demo_flowers, tmp_pa
                                "--freeze-layers", "--frozen-batch", "24")
     assert code == 0, err
     assert "Frozen backbone: one forward pass per 24 images" in out
-    assert_same_training(checkpoints(tmp_path / "plain", 2), checkpoints(tmp_path / "grouped", 2))
+    assert_same_training(epoch_checkpoints(tmp_path / "plain", 2),
+                         epoch_checkpoints(tmp_path / "grouped", 2))
 
 
 def test_cached_training_features_give_the_uncached_updates(demo_flowers, tmp_path):
@@ -73,7 +55,8 @@ def test_cached_training_features_give_the_uncached_updates(demo_flowers, tmp_pa
     assert code == 0, err
     assert "50 class tokens" in out and "computed once" in out
     assert "not the report's random crops" in out  # the recipe change is said plainly
-    assert_same_training(checkpoints(tmp_path / "plain", 2), checkpoints(tmp_path / "cached", 2))
+    assert_same_training(epoch_checkpoints(tmp_path / "plain", 2),
+                         epoch_checkpoints(tmp_path / "cached", 2))
 
 
 def test_nan_loss_is_caught_on_the_grouped_path(demo_flowers, tmp_path):
