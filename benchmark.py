@@ -940,8 +940,11 @@ def memory_row(model: VisionTransformer, batch: int, checkpointing: bool,
 
 # --------------------------------------------------------------------------- MFU
 
-# Dense bfloat16 tensor-core peaks, FLOP/s, as the vendor's data sheets give them (SXM).
+# Dense bfloat16 tensor-core peaks, FLOP/s, as the vendor's data sheets give them for the SXM
+# modules. The PCIe and NVL cards of the same name run lower clocks: for them MFU is left out
+# unless --peak-tflops gives their peak.
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
+OTHER_FORM_FACTORS = ("pcie", "nvl")
 
 
 def training_flops_per_image(model_name: str, frozen: bool) -> float:
@@ -970,8 +973,14 @@ def peak_flops(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
         return args.peak_tflops * 1e12
     if device.type != "cuda" or dtype != torch.bfloat16:
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+    return known_bf16_peak(torch.cuda.get_device_name(device))
+
+
+def known_bf16_peak(gpu_name: str) -> float | None:
+    """PEAK_BF16_FLOPS' figure for a GPU named as CUDA names it, or None if it has none."""
+    if any(form in gpu_name.lower() for form in OTHER_FORM_FACTORS):
+        return None
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in gpu_name), None)
 
 
 def add_mfu(rows: list[dict], args: argparse.Namespace, device: torch.device,

@@ -88,7 +88,12 @@ class CudaGraphModel(nn.Module):
         self.batch_shape: torch.Size | None = None
         self.failed = False
 
-    def _capture(self, images: torch.Tensor) -> None:
+    def capture_for(self, images: torch.Tensor) -> None:
+        """Capture the graphs for training batches shaped like `images` (only its shape,
+        dtype and device matter). forward() does it at the first training batch; train.py
+        calls it before any data loader starts, because the capture fails when another
+        thread allocates pinned host memory meanwhile, as a loader's pin-memory thread does
+        (and that thread's error then ends the run)."""
         forward = _Forward(self.model).train()
         sample = torch.zeros_like(images)  # only shape, dtype and device matter
         try:
@@ -111,7 +116,7 @@ class CudaGraphModel(nn.Module):
         if not (self.training and torch.is_grad_enabled()) or self.failed:
             return self.model(images)
         if self.graphed is None:
-            self._capture(images)
+            self.capture_for(images)
         if (self.graphed is None or images.shape[1:] != self.batch_shape[1:]
                 or len(images) > self.batch_shape[0]):
             return self.model(images)

@@ -212,6 +212,9 @@ def _decode_on_cuda(infos: Sequence[_FileInfo], paths: Sequence[Path],
 
     out: list[torch.Tensor | None] = [None] * len(infos)
     jpeg_at = [k for k, info in enumerate(infos) if info.jpeg]
+    # nvJPEG writes its outputs from a stream of its own without waiting for this one: memory
+    # the allocator hands back, freed by kernels still queued here, must be done with first.
+    torch.cuda.synchronize(device)
     if jpeg_at:
         datas = [torch.frombuffer(infos[k].data, dtype=torch.uint8) for k in jpeg_at]
         try:

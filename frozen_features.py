@@ -23,12 +23,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 from distributed import Distributed
 from utils import EpochStats, StepSettings, autocast, class_tokens, head_of, train_one_epoch
-from vit_model import DropPath, VisionTransformer
+from vit_model import VisionTransformer, drop_rate
 
 # Images per backbone pass of --cache-train-features when --frozen-batch is 0. Grouping
 # is not the default: on a quiet two-core CPU a whole frozen run was 3-7% slower grouped at
@@ -49,8 +48,7 @@ def backbone_randomness(model: VisionTransformer) -> str | None:
             return f"the backbone trains ({name} needs gradients)"
     head_modules = {id(m) for m in head.modules()}
     for name, module in model.named_modules():
-        rate = (module.p if isinstance(module, nn.Dropout)
-                else module.drop_prob if isinstance(module, DropPath) else 0.0)
+        rate = drop_rate(module)
         if rate > 0 and id(module) not in head_modules:
             return f"{name} drops at random (rate {rate})"
     return None

@@ -267,6 +267,7 @@ def train(args: argparse.Namespace) -> int:
         del resume  # its tensors are in the model and the optimizer now; free the copies
         wrappers = wrap_for_training(model, args, setup, optimisation.settings)
         wrappers.frozen_head = choose_training_paths(args, model, setup, wrappers)
+        capture_cuda_graphs(wrappers, args.batch_size, setup.device)
         outputs = RunOutputs(args, split, progress.log_dir) if setup.dist_info.is_main else None
         return run_epochs(args, setup, split, wrappers, (train_loader, val_loader),
                           optimisation, progress, outputs)
@@ -368,9 +369,9 @@ def set_up(args: argparse.Namespace) -> Setup:
         barrier(dist_info)  # the other ranks wait for rank 0's download
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: pick the fastest conv once
-        if args.tf32:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        # Both ways: the switches belong to the process, and cuDNN's is on by default.
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
     torch.manual_seed(args.seed)
     return Setup(device, dist_info, log)
 
@@ -765,6 +766,15 @@ def choose_training_paths(args: argparse.Namespace, model: VisionTransformer, se
     """The frozen-backbone path (frozen_features.py), or None for the per-batch loop."""
     cuda_graphs = isinstance(wrappers.model_for_training, CudaGraphModel)
     return plan_frozen_head(args, model, setup.device, setup.dist_info, cuda_graphs, setup.log)
+
+
+def capture_cuda_graphs(wrappers: Wrappers, batch_size: int, device: torch.device) -> None:
+    """With CUDA graphs, capture them now, at the training batch's shape, before any data
+    loader starts its threads (CudaGraphModel.capture_for says why)."""
+    graphs = wrappers.model_for_training
+    if isinstance(graphs, CudaGraphModel):
+        side = wrappers.model.image_size
+        graphs.capture_for(torch.zeros(batch_size, 3, side, side, device=device))
 
 
 # --------------------------------------------------------------------------- the epochs

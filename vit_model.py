@@ -130,6 +130,15 @@ class DropPath(nn.Module):
         mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
         return x * mask / keep_prob  # rescale so the expected output is unchanged
 
+
+def drop_rate(module: nn.Module) -> float:
+    """How often a module drops at random in training (dropout, drop-path); 0 for the rest."""
+    if isinstance(module, nn.Dropout):
+        return module.p
+    if isinstance(module, DropPath):
+        return module.drop_prob
+    return 0.0
+
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"
 
@@ -291,9 +300,12 @@ class VisionTransformer(nn.Module):
         x = self.embed(x)
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             for block in self.blocks:
-                # Non-reentrant: works with inputs that need no grad, and restores the RNG
-                # state so drop-path draws the same masks when the block is recomputed.
-                x = checkpoint(block, x, use_reentrant=False)
+                # Non-reentrant: works with inputs that need no grad. A block that drops at
+                # random has its RNG state saved and restored, so that the recomputation
+                # draws the same masks; the others skip that: a CUDA graph capture (train.py's
+                # --cuda-graphs) forbids reading the GPU's RNG state.
+                draws = any(drop_rate(module) > 0 for module in block.modules())
+                x = checkpoint(block, x, use_reentrant=False, preserve_rng_state=draws)
         else:
             x = self.blocks(x)
         return self.norm(x)

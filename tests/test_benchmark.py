@@ -200,3 +200,13 @@ def test_out_of_range_flags_stop_before_anything_is_written(tmp_path, capsys, fl
     err = capsys.readouterr().err
     assert status == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1
     assert not (tmp_path / "out").exists() and not (tmp_path / "standin").exists()
+
+
+@pytest.mark.parametrize(("gpu_name", "peak"), [
+    ("NVIDIA H200", 989.4e12), ("NVIDIA H100 80GB HBM3", 989.4e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12),
+    # Other cards of the same names run lower clocks: no MFU without --peak-tflops.
+    ("NVIDIA H200 NVL", None), ("NVIDIA H100 PCIe", None), ("NVIDIA A100-PCIE-40GB", None),
+    ("NVIDIA L4", None)])
+def test_mfu_uses_a_known_peak_only_for_the_card_it_was_measured_on(gpu_name, peak):
+    assert benchmark.known_bf16_peak(gpu_name) == peak

@@ -222,6 +222,21 @@ def test_train_py_captures_the_compiled_model_and_saves_the_plain_one():
     assert not any("_orig_mod." in key for key in wrappers.model.state_dict())
 
 
+def test_train_py_captures_at_the_training_batch_before_any_batch_comes():
+    # CUDA only in name, with a stand-in capture: train.py captures before its loaders start
+    # (their pin-memory thread would break a capture), at --batch-size and the model's size.
+    args = train.get_args_parser().parse_args(["--batch-size", "8"])
+    setup = train.Setup(torch.device("cuda"), Distributed(world_size=1), print)
+    wrappers = train.wrap_for_training(tiny_model(), args, setup, StepSettings(amp_dtype=None))
+    capture = wrappers.model_for_training.capture = RecordingCapture()
+    train.capture_cuda_graphs(wrappers, args.batch_size, torch.device("cpu"))
+    assert capture.captured_shapes == [torch.Size([8, 3, 16, 16])]
+
+    train_epochs(wrappers.model_for_training, batches(), "cpu", epochs=1)  # batches of 4
+    assert capture.captured_shapes == [torch.Size([8, 3, 16, 16])]  # not captured again
+    assert capture.replayed_shapes == [torch.Size([8, 3, 16, 16])] * 3  # padded to 8
+
+
 @cuda
 @pytest.mark.parametrize(("amp_dtype", "accum_steps"),
                          [(None, 1), (torch.bfloat16, 1), (None, 2)])
@@ -294,6 +309,30 @@ def test_train_py_captures_on_cuda(demo_flowers, tmp_path, capsys):
     checkpoint = torch.load(tmp_path / "weights" / "model-1.pth", weights_only=True)
     assert checkpoint["samples"] == {"train": 50, "val": 10}
     assert not any(key.startswith(("model.", "graphed.")) for key in checkpoint["model"])
+
+
+@cuda
+def test_train_py_captures_beside_a_pinned_memory_loader_on_cuda(demo_flowers, tmp_path,
+                                                                 capsys):
+    # The CPU loader (--no-device-data) with workers and a pin-memory thread, which allocates
+    # pinned memory: a capture while it runs fails, and the thread's error ends the run.
+    assert train.main(train_argv(demo_flowers, tmp_path, epochs=2, device="cuda", workers=2,
+                                 lr=None, device_data=False, cuda_graphs=True)) == 0
+    out = capsys.readouterr().out
+    assert "CUDA graphs: training steps replay" in out
+    assert "could not be captured" not in out
+
+
+@cuda
+def test_no_tf32_turns_tf32_off_after_a_run_that_had_it(tmp_path):
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        for flag, expected in (("--tf32", True), ("--no-tf32", False)):
+            train.set_up(train.get_args_parser().parse_args([flag, "--device", "cuda"]))
+            assert (torch.backends.cuda.matmul.allow_tf32,
+                    torch.backends.cudnn.allow_tf32) == (expected, expected)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 @cuda

@@ -151,10 +151,10 @@ def test_backbone_randomness_ignores_the_head():
 
 # --------------------------------------------------------------------------- checkpointing
 
-def tiny_model() -> VisionTransformer:
+def tiny_model(drop_path_rate: float = 0.2) -> VisionTransformer:
     torch.manual_seed(0)
     return VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=3, num_heads=2,
-                             num_classes=3, drop_path_rate=0.2)
+                             num_classes=3, drop_path_rate=drop_path_rate)
 
 
 def loss_and_grads(model: VisionTransformer
@@ -185,6 +185,22 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients():
     for name, grad in grads.items():
         torch.testing.assert_close(checkpointed_grads[name], grad, rtol=0, atol=1e-6, msg=name)
     assert not any("checkpoint" in key for key in model.state_dict())
+
+
+@pytest.mark.parametrize("drop_path_rate", [0.0, 0.2])
+def test_checkpointed_blocks_read_the_rng_state_only_where_they_drop_at_random(
+        monkeypatch, drop_path_rate):
+    # A CUDA graph capture (train.py's default on one GPU) forbids reading the GPU's RNG state;
+    # the CPU's stands in for it here. Blocks that draw nothing must not read it, so that
+    # --grad-checkpointing can be captured; drop-path's blocks must, to recompute their masks.
+    reads = []
+    read_state = torch.get_rng_state
+    monkeypatch.setattr(torch, "get_rng_state", lambda: reads.append(1) or read_state())
+    model = tiny_model(drop_path_rate)
+    model.set_grad_checkpointing(True)
+    nn.functional.cross_entropy(model.train()(torch.randn(4, 3, 16, 16)),
+                                torch.tensor([0, 1, 2, 0])).backward()
+    assert bool(reads) == (drop_path_rate > 0)
 
 
 def test_train_py_grad_checkpointing_runs(demo_flowers, tmp_path):
