@@ -808,6 +808,8 @@ def timed_rows(device: torch.device, notes: list[str], progress: Progress, secti
 
 
 def print_e2e_table(rows: list[dict]) -> None:
+    if not rows:  # every run left out by --time-budget: the note names them
+        return
     print(format_table(["mode", "batch", "pipeline", "epochs", "total s", "s/epoch",
                         "speed-up", "val acc", "last epoch train img/s", "MFU"],
                        [[r["mode"], r["batch"], r["pipeline"], r["epochs"], r["seconds"],
