@@ -1004,11 +1004,18 @@ def add_mfu(rows: list[dict], args: argparse.Namespace, device: torch.device,
 
 # --------------------------------------------------------------------------- main
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default in --help, except None: those flags' help says what happens."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(
         description="Measure this project's speed against timm and torchvision, side by side.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelp)
     parser.add_argument("--device", default="cuda" if cuda else "cpu", help="cuda[:N] or cpu")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                         help="autocast dtype (default: bf16 on CUDA, fp32 on the CPU)")
@@ -1166,7 +1173,11 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     problems = range_problems(args)
     if problems:
         raise UserError(problems[0])
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UserError(f"--device {args.device} is not a device; pass cuda, cuda:N or "
+                        "cpu.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but CUDA is not available; pass --device cpu.")
     fill_defaults(args, device)

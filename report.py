@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -289,3 +290,10 @@ def write_html_report(path: Path, summary: dict, weights_path: Path, model: Visi
         path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, page.encode("utf-8"))
     return path
+
+
+if __name__ == "__main__":
+    # A module, not a command: say which command writes its page.
+    print("error: report.py has no command of its own; the page is written by "
+          "python evaluate.py --html report.html", file=sys.stderr)
+    raise SystemExit(2)

@@ -192,6 +192,7 @@ def test_an_interrupted_benchmark_keeps_the_runs_it_finished(tmp_path, monkeypat
     (["--models", "ours,deit"], "--models must name some of ours, timm, torchvision"),
     (["--e2e-scale", "-1"], "--e2e-scale must be a positive fraction"),
     (["--time-budget", "inf"], "--time-budget must be a number of 0 or more"),
+    (["--device", "tpu"], "--device tpu is not a device; pass cuda, cuda:N or cpu."),
 ])
 def test_out_of_range_flags_stop_before_anything_is_written(tmp_path, capsys, flags, message):
     out = tmp_path / "out" / "bench.json"

@@ -336,3 +336,18 @@ def test_ctrl_c_while_modules_import_exits_130_in_one_line():
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert result.returncode == 130, result.stderr
     assert result.stderr.strip() == "Interrupted.", result.stderr
+
+
+def test_a_reader_that_goes_away_ends_a_command_quietly(monkeypatch, capsys):
+    # `python predict.py FOLDER --json | head -1`: head exits, the next write meets a closed
+    # pipe. The command stops with a shell's SIGPIPE status and no traceback.
+    from cli import run_main
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with open(write_end, "w") as pipe:
+        monkeypatch.setattr(sys, "stdout", pipe)
+        status = run_main(lambda args: print("line\n" * 20000) or 0, None)
+        monkeypatch.undo()
+    assert status == 141
+    assert capsys.readouterr().err == ""
