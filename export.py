@@ -21,6 +21,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -113,18 +114,31 @@ def check_parity(model: nn.Module, exported: Callable[[torch.Tensor], torch.Tens
     return (got.float() - expected.float()).abs().max().item()
 
 
+def refuse_overwriting_weights(output: Path, weights_path: Path) -> None:
+    """UserError when output is the weights file itself (by any path, symlink or hard link):
+    the export would replace the checkpoint it was made from."""
+    try:
+        same = output.exists() and os.path.samefile(output, weights_path)
+    except OSError:  # unreadable: check_output_file and the weights reader say why
+        same = False
+    if same:
+        raise UserError(f"--output {output} is the weights file {weights_path}; the export "
+                        f"would replace the checkpoint. Name another file.")
+
+
 def run(args: argparse.Namespace) -> int:
     if args.check_batch < 1:
         raise UserError("--check-batch must be at least 1.")
     if not (math.isfinite(args.tolerance) and args.tolerance >= 0):
         raise UserError(f"--tolerance must be a finite number of 0 or more, not {args.tolerance}.")
     output = check_output_file(args.output, "--output")
+    weights_path = resolve_weights(args.weights)
+    refuse_overwriting_weights(output, weights_path)
     if args.format == "onnx":
         missing = missing_onnx_packages()
         if missing:
             raise UserError(f"ONNX export needs the optional packages {', '.join(missing)}: "
                             f"pip install onnx onnxscript onnxruntime.")
-    weights_path = resolve_weights(args.weights)
     model, class_names = load_classifier(weights_path, args.class_indices, args.model_name)
     model = model.cpu().eval()
     size = model.image_size

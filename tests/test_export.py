@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import one_error_line, run_cli
 
 import export
 from predict import load_classifier
@@ -152,3 +152,32 @@ def test_an_output_name_too_long_for_the_file_system_is_bad_input(checkpoint, tm
     assert code == 2 and out == ""
     assert err == f"error: --output {output} cannot be written (File name too long).\n"
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("spelling", ["the same path", "another spelling", "a symlink",
+                                      "a hard link", "the default weights"])
+def test_an_output_that_is_the_weights_file_is_refused(checkpoint, tmp_path, monkeypatch,
+                                                       spelling):
+    # The export must never replace the checkpoint it reads: one line, exit 2, file intact,
+    # also when --weights is left to its default (weights/best.pth in the current folder).
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    weights = folder / "best.pth"
+    weights.write_bytes(checkpoint.read_bytes())
+    before = weights.read_bytes()
+    output = {"the same path": weights, "another spelling": folder / ".." / "weights" / "best.pth",
+              "a symlink": tmp_path / "link.pth", "a hard link": tmp_path / "hard.pth",
+              "the default weights": Path("weights") / "best.pth"}[spelling]
+    if spelling == "a symlink":
+        output.symlink_to(weights)
+    elif spelling == "a hard link":
+        output.hardlink_to(weights)
+    argv = ["--output", output]
+    if spelling == "the default weights":
+        monkeypatch.chdir(tmp_path)
+    else:
+        argv += ["--weights", weights]
+    code, out, err = run_cli(export.main, argv)
+    line = one_error_line(code, err)
+    assert f"--output {output} is the weights file" in line, line
+    assert out == "" and weights.read_bytes() == before
