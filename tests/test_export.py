@@ -181,3 +181,31 @@ def test_an_output_that_is_the_weights_file_is_refused(checkpoint, tmp_path, mon
     line = one_error_line(code, err)
     assert f"--output {output} is the weights file" in line, line
     assert out == "" and weights.read_bytes() == before
+
+
+def test_the_format_follows_the_output_suffix_without_format(checkpoint, tmp_path, monkeypatch):
+    # vit.onnx without --format is an ONNX export: here its missing packages say so, where
+    # the TorchScript default used to write a TorchScript file named vit.onnx.
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnxruntime" else real_find_spec(name))
+    output = tmp_path / "vit.onnx"
+    code, _, err = run_cli(export.main, ["--weights", checkpoint, "--output", output])
+    assert one_error_line(code, err).startswith("error: ONNX export needs")
+    assert not output.exists()
+
+
+@pytest.mark.parametrize("name, given, needle", [
+    ("e.txt", None, "the suffix .txt names no export format"),
+    ("vit", None, "the suffix (none) names no export format"),
+    ("vit.pth", None, ".pth is the suffix of this project's checkpoints"),
+    ("vit.pt", "onnx", "ends in .pt, which means TorchScript, but --format is onnx"),
+    ("vit.onnx", "torchscript", "ends in .onnx, which means ONNX, but --format is torchscript"),
+])
+def test_an_output_suffix_that_names_no_format_or_another_is_bad_input(checkpoint, tmp_path,
+                                                                       name, given, needle):
+    output = tmp_path / name
+    argv = ["--weights", checkpoint, "--output", output]
+    code, out, err = run_cli(export.main, argv + (["--format", given] if given else []))
+    assert needle in one_error_line(code, err)
+    assert out == "" and not output.exists()
