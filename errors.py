@@ -8,6 +8,8 @@ into a WriteError, and check an output path before the work that fills it.
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,16 +45,32 @@ class WriteError(ProjectError):
     exit_code = 1
 
 
+# What to do about a failed write, by the system's error number; any other: write_hint's last.
+_WRITE_HINTS = {errno.EACCES: "check the folder's permissions",
+                errno.EPERM: "check the folder's permissions",
+                errno.EROFS: "check the folder's permissions",
+                errno.ENOSPC: "free some space",
+                errno.EDQUOT: "free some space"}
+
+
+def write_hint(code: int | None) -> str:
+    """What to do about a write that failed with the error number code (None: unknown)."""
+    return _WRITE_HINTS.get(code, "check the folder and the free space")
+
+
 def write_error(path: object, err: Exception) -> WriteError:
-    """The one sentence for a failed write: which file, and the system's reason."""
+    """The one sentence for a failed write: which file, the system's reason, what to do."""
     reason = err.strerror if isinstance(err, OSError) and err.strerror else None
+    code = err.errno if isinstance(err, OSError) else None
     if reason is None and isinstance(err, RuntimeError):
         # PyTorch's C++ file writer reports OS errors as RuntimeErrors: a failed open names
-        # the system's reason after "strerror:"; without one, a full disk is the best guess.
+        # the system's reason (strerror's text, no number) after "strerror:"; without one,
+        # a full disk is the best guess.
         _, found, after = str(err).rpartition("strerror:")
         reason = after.strip() if found else "the write failed; is the disk full?"
+        code = next((c for c in _WRITE_HINTS if os.strerror(c) == reason), None)
     reason = reason or err
-    return WriteError(f"Cannot write {path} ({reason}); check the folder and the free space.")
+    return WriteError(f"Cannot write {path} ({reason}); {write_hint(code)}.")
 
 
 @contextmanager

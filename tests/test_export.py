@@ -145,6 +145,17 @@ def test_a_file_torchs_writer_cannot_open_is_a_write_error_with_the_systems_reas
     assert not any(tmp_path.iterdir())
 
 
+def test_a_folder_torchs_writer_may_not_write_in_says_to_check_its_permissions(
+        unwritable_folder):
+    from errors import WriteError
+
+    output = unwritable_folder / "vit.pt"
+    with pytest.raises(WriteError) as caught:
+        export.export_torchscript(torch.nn.Linear(2, 2), torch.randn(1, 2), {}, output)
+    assert str(caught.value) == (f"Cannot write {output} (Permission denied); check the "
+                                 f"folder's permissions.")
+
+
 def test_an_output_name_too_long_for_the_file_system_is_bad_input(checkpoint, tmp_path):
     # Checked before loading or tracing anything: one line, exit 2, nothing written.
     output = tmp_path / ("x" * 300 + ".pt")
