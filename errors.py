@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -84,26 +85,51 @@ def writing(path: object) -> Iterator[None]:
 
 def check_output_file(path: str | Path, flag: str) -> Path:
     """Path, once it is known that a file can be created there: raise UserError, before any
-    work is done, when a folder is in the way or a file stands where a folder should be."""
+    work is done, when a folder is in the way, a file stands where a folder should be, or
+    the folder refuses new files (permissions, a read-only file system)."""
     path = Path(path)
     try:
         if path.is_dir():
             raise UserError(f"{flag} {path} is a folder; name a file to write instead.")
-        for parent in path.parents:
-            if parent.exists():
-                if not parent.is_dir():
-                    raise UserError(f"Cannot write {path}: {parent} is a file, not a folder.")
-                break
+        _check_files_can_be_created(path.parent, flag, path)
     except OSError as err:  # e.g. a name longer than the file system allows
         raise UserError(f"{flag} {path} cannot be written ({err.strerror}).") from None
     return path
 
 
-def make_output_dir(path: str | Path, flag: str) -> Path:
-    """mkdir -p path: a file in the way is a UserError naming flag, a failed mkdir a WriteError."""
+def check_output_dir(path: str | Path, flag: str) -> Path:
+    """Path, once it is known that it is, or mkdir -p can make it, a folder that takes new
+    files; UserError otherwise, before any work is done. Makes nothing (make_output_dir does)."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{flag} {path} is a file, not a folder; pass a folder.")
+    try:
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{flag} {path} is a file, not a folder; pass a folder.")
+        _check_files_can_be_created(path, flag, path)
+    except OSError as err:
+        raise UserError(f"{flag} {path} cannot be written ({err.strerror}).") from None
+    return path
+
+
+def _check_files_can_be_created(folder: Path, flag: str, target: Path) -> None:
+    """UserError unless new files can be made in folder or, where it does not exist yet, in
+    the nearest parent that does (mkdir -p makes the rest)."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), folder)
+    if not existing.is_dir():
+        raise UserError(f"Cannot write {target}: {existing} is a file, not a folder.")
+    try:
+        # A probe rather than os.access: it also sees read-only mounts and file systems that
+        # refuse even root, and gives the system's reason. Unnamed where the system allows
+        # (O_TMPFILE), and removed on close, so nothing is left behind.
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise UserError(f"{flag} {target}: no file can be created in {existing} "
+                        f"({err.strerror}); {write_hint(err.errno)}.") from None
+
+
+def make_output_dir(path: str | Path, flag: str) -> Path:
+    """mkdir -p path, after check_output_dir; a mkdir that still fails is a WriteError."""
+    path = check_output_dir(path, flag)
     with writing(path):
         path.mkdir(parents=True, exist_ok=True)
     return path

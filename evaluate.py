@@ -33,7 +33,7 @@ import torch
 from checkpoints import read_train_args
 from cli import add_device_flag, add_weights_flags, run_main
 from download import FLOWERS_DIR
-from errors import UserError, make_output_dir, writing
+from errors import UserError, check_output_dir, make_output_dir, writing
 from predict import check_figure_path, load_classifier, predict_probs, resolve_weights
 from report import HTML_SUFFIXES, write_html_report
 from utils import DEFAULT_SEED, DEFAULT_VAL_RATE, read_split_data, select_device
@@ -159,6 +159,7 @@ def write_misclassified(result: Evaluation, path: Path) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1.")
+    check_output_dir(args.output_dir, "--output-dir")  # made only once the inputs are good
     if args.html is not None:
         check_figure_path(args.html, "--html", HTML_SUFFIXES)
     if args.workers is not None and args.workers < 0:
@@ -199,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"Evaluating {weights_path} on {len(paths)} {subset} images of {data_path} "
           f"(split seed {settings['seed']}, val rate {settings['val_rate']}).")
 
-    out = make_output_dir(args.output_dir, "--output-dir")  # before the work, not after
+    out = make_output_dir(args.output_dir, "--output-dir")
     probs = predict_probs(model, paths, device, args.batch_size, args.workers)
     result = Evaluation(class_names, paths, torch.tensor(labels), probs)
     cm = result.confusion

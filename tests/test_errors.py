@@ -1,5 +1,5 @@
 """errors.py: the sentence for a failed write names the file, the system's reason, and a hint
-that follows the reason."""
+that follows the reason; the checks before the work refuse a folder that takes no files."""
 
 from __future__ import annotations
 
@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from errors import WriteError, write_error, writing
+from errors import (
+    UserError,
+    WriteError,
+    check_output_dir,
+    check_output_file,
+    make_output_dir,
+    write_error,
+    writing,
+)
 
 
 def test_a_full_disk_says_to_free_space():
@@ -54,3 +62,21 @@ def test_a_torch_write_error_without_a_reason_keeps_the_general_hint():
     assert str(write_error("out.pt", RuntimeError("PytorchStreamWriter failed writing file"))) == (
         "Cannot write out.pt (the write failed; is the disk full?); check the folder and the "
         "free space.")
+
+
+def test_the_checks_before_the_work_leave_nothing_behind(tmp_path):
+    # The probe file that proves a folder takes new files must not stay there.
+    assert check_output_dir(tmp_path / "new" / "folder", "--output-dir") == (
+        tmp_path / "new" / "folder")
+    assert check_output_file(tmp_path / "out.pt", "--output") == tmp_path / "out.pt"
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("check", [check_output_file, check_output_dir, make_output_dir])
+def test_a_folder_that_refuses_files_is_bad_input(unwritable_folder, check):
+    target = unwritable_folder / "new" / "out.pt"
+    with pytest.raises(UserError) as caught:
+        check(target, "--flag")
+    assert str(caught.value).startswith(f"--flag {target}: no file can be created in "
+                                        f"{unwritable_folder} (")
+    assert not (unwritable_folder / "new").exists()

@@ -220,3 +220,12 @@ def test_an_output_suffix_that_names_no_format_or_another_is_bad_input(checkpoin
     code, out, err = run_cli(export.main, argv + (["--format", given] if given else []))
     assert needle in one_error_line(code, err)
     assert out == "" and not output.exists()
+
+
+def test_an_output_in_a_folder_that_refuses_files_is_refused_before_the_work(checkpoint,
+                                                                             unwritable_folder):
+    output = unwritable_folder / "new" / "vit.pt"
+    code, out, err = run_cli(export.main, ["--weights", checkpoint, "--output", output])
+    assert one_error_line(code, err).startswith(f"error: --output {output}: no file can be "
+                                                f"created in {unwritable_folder} (")
+    assert out == ""
