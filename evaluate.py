@@ -33,7 +33,7 @@ import torch
 from checkpoints import read_train_args
 from cli import add_device_flag, add_weights_flags, run_main
 from download import FLOWERS_DIR
-from errors import UserError, make_output_dir, writing
+from errors import UserError, check_output_dir, make_output_dir, writing
 from predict import check_figure_path, load_classifier, predict_probs, resolve_weights
 from report import HTML_SUFFIXES, write_html_report
 from utils import DEFAULT_SEED, DEFAULT_VAL_RATE, read_split_data, select_device
@@ -49,6 +49,9 @@ from visualize import (
 # What train.py uses when a checkpoint does not say.
 TRAIN_DEFAULTS = {"data_path": f"./{FLOWERS_DIR}", "seed": DEFAULT_SEED,
                   "val_rate": DEFAULT_VAL_RATE}
+# The seeds train.py accepts: torch.manual_seed takes -2**63 .. 2**64 - 1, but a negative
+# seed wraps onto a large one, and int64 leaves room for the seed plus an epoch.
+MAX_SEED = 2**63 - 1
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -62,7 +65,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="evaluate every image in the folder, not only the validation split")
     parser.add_argument("--output-dir", default="./evaluation", help="where the results go")
     parser.add_argument("--seed", type=int, default=None,
-                        help="seed of the split (default: the checkpoint's)")
+                        help="seed of the split, 0 to 2**63 - 1 (default: the checkpoint's)")
     parser.add_argument("--val-rate", type=float, default=None,
                         help="validation fraction of the split (default: the checkpoint's)")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -159,6 +162,9 @@ def write_misclassified(result: Evaluation, path: Path) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1.")
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
+        raise UserError(f"--seed must be from 0 to {MAX_SEED}, not {args.seed}.")
+    check_output_dir(args.output_dir, "--output-dir")  # made only once the inputs are good
     if args.html is not None:
         check_figure_path(args.html, "--html", HTML_SUFFIXES)
     if args.workers is not None and args.workers < 0:
@@ -199,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"Evaluating {weights_path} on {len(paths)} {subset} images of {data_path} "
           f"(split seed {settings['seed']}, val rate {settings['val_rate']}).")
 
-    out = make_output_dir(args.output_dir, "--output-dir")  # before the work, not after
+    out = make_output_dir(args.output_dir, "--output-dir")
     probs = predict_probs(model, paths, device, args.batch_size, args.workers)
     result = Evaluation(class_names, paths, torch.tensor(labels), probs)
     cm = result.confusion

@@ -3,6 +3,8 @@
     python export.py --weights weights/best.pth --format torchscript --output vit.pt
     python export.py --weights weights/best.pth --format onnx --output vit.onnx
 
+Without --format, the suffix of --output chooses it: .pt or .ts TorchScript, .onnx ONNX.
+
 The exported model takes a float batch (B, 3, H, W), normalised as for training
 (mean 0.5, std 0.5: pixels in [-1, 1]) after Resize + CenterCrop, and returns logits
 (B, classes); the batch size is free. The class names, input size and normalisation
@@ -21,6 +23,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -37,13 +40,19 @@ from vit_model import VisionTransformer
 
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 TRACE_BATCH = 2  # the parity batch differs from it, which shows the batch size stays free
+# The suffixes of each format's file, the first the one to suggest. Not .pth: in this
+# project that names a checkpoint, which the commands would then try to read as weights.
+FORMAT_SUFFIXES = {"torchscript": (".pt", ".ts"), "onnx": (".onnx",)}
+FORMAT_LABELS = {"torchscript": "TorchScript", "onnx": "ONNX"}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Export a checkpoint to TorchScript or ONNX.")
     add_weights_flags(parser)
-    parser.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript")
-    parser.add_argument("--output", required=True, help="file to write (.pt, .onnx)")
+    parser.add_argument("--format", choices=tuple(FORMAT_SUFFIXES), default=None,
+                        help="default: the one --output's suffix names")
+    parser.add_argument("--output", required=True,
+                        help="file to write: .pt or .ts (TorchScript), .onnx (ONNX)")
     parser.add_argument("--tolerance", type=float, default=1e-3,
                         help="largest absolute logit difference the parity check accepts")
     parser.add_argument("--check-batch", type=int, default=3,
@@ -113,18 +122,53 @@ def check_parity(model: nn.Module, exported: Callable[[torch.Tensor], torch.Tens
     return (got.float() - expected.float()).abs().max().item()
 
 
+def export_format(output: Path, given: str | None) -> str:
+    """The format to write: the one output's suffix names, which --format (given) must agree
+    with; UserError for a suffix of no format, so a name never hides what the file holds."""
+    suffix = output.suffix.lower()
+    implied = next((name for name, suffixes in FORMAT_SUFFIXES.items() if suffix in suffixes),
+                   None)
+    choices = " or ".join(f"{' or '.join(suffixes)} ({FORMAT_LABELS[name]})"
+                        for name, suffixes in FORMAT_SUFFIXES.items())
+    if suffix == ".pth":
+        raise UserError(f"--output {output}: .pth is the suffix of this project's checkpoints; "
+                        f"name the export {choices}.")
+    if implied is None:
+        raise UserError(f"--output {output}: the suffix {suffix or '(none)'} names no export "
+                        f"format; name the file {choices}.")
+    if given is not None and given != implied:
+        raise UserError(f"--output {output} ends in {suffix}, which means "
+                        f"{FORMAT_LABELS[implied]}, but --format is {given}; name it "
+                        f"{FORMAT_SUFFIXES[given][0]} or leave --format out.")
+    return implied
+
+
+def refuse_overwriting_weights(output: Path, weights_path: Path) -> None:
+    """UserError when output is the weights file itself (by any path, symlink or hard link):
+    the export would replace the checkpoint it was made from."""
+    try:
+        same = output.exists() and os.path.samefile(output, weights_path)
+    except OSError:  # unreadable: check_output_file and the weights reader say why
+        same = False
+    if same:
+        raise UserError(f"--output {output} is the weights file {weights_path}; the export "
+                        f"would replace the checkpoint. Name another file.")
+
+
 def run(args: argparse.Namespace) -> int:
     if args.check_batch < 1:
         raise UserError("--check-batch must be at least 1.")
     if not (math.isfinite(args.tolerance) and args.tolerance >= 0):
         raise UserError(f"--tolerance must be a finite number of 0 or more, not {args.tolerance}.")
     output = check_output_file(args.output, "--output")
-    if args.format == "onnx":
+    weights_path = resolve_weights(args.weights)
+    refuse_overwriting_weights(output, weights_path)
+    output_format = export_format(output, args.format)
+    if output_format == "onnx":
         missing = missing_onnx_packages()
         if missing:
             raise UserError(f"ONNX export needs the optional packages {', '.join(missing)}: "
                             f"pip install onnx onnxscript onnxruntime.")
-    weights_path = resolve_weights(args.weights)
     model, class_names = load_classifier(weights_path, args.class_indices, args.model_name)
     model = model.cpu().eval()
     size = model.image_size
@@ -133,11 +177,11 @@ def run(args: argparse.Namespace) -> int:
     with writing(output.parent):
         output.parent.mkdir(parents=True, exist_ok=True)
     config = export_config(model, class_names)
-    if args.format == "torchscript":
+    if output_format == "torchscript":
         exported = export_torchscript(model, example, config, output)
     else:
         exported = export_onnx(model, example, config, output)
-    print(f"Wrote {output} ({args.format}, {output.stat().st_size / 1e6:.1f} MB) from "
+    print(f"Wrote {output} ({output_format}, {output.stat().st_size / 1e6:.1f} MB) from "
           f"{weights_path}.")
 
     batch = torch.randn(args.check_batch, 3, size, size, generator=generator)

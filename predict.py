@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from checkpoints import CLASS_INDICES_FILE, DEFAULT_OUTPUT_DIR, find_checkpoint
 from cli import DEFAULT_MODEL, add_device_flag, add_weights_flags, run_main
-from errors import UserError, check_output_file
+from errors import UserError, check_output_dir, check_output_file
 from my_dataset import (
     IMG_EXTENSIONS_HINT,
     MyDataSet,
@@ -317,6 +317,7 @@ def figure_outputs(target: str, paths: list[Path], flag: str = "--attention",
     if target_path.exists() and not target_path.is_dir():
         raise UserError(f"{flag} {target} is a file; for {len(paths)} images pass a "
                         f"folder (or a {', '.join(FIGURE_SUFFIXES)} file for one image).")
+    check_output_dir(target_path, flag)
     outputs, used = [], set()
     for path in paths:
         name = f"{path.stem}.{kind}.png"

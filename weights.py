@@ -134,6 +134,10 @@ def _sniff(path: Path) -> str:
             raise _damaged(path, "zip archive (a .pth or .npz)") from None
         if names and all(name.endswith(".npy") for name in names):
             return "npz"
+        if _is_torchscript(names):  # export.py's output, which torch.load refuses
+            raise WeightsError(f"{path} is a TorchScript export of a model, which the commands "
+                               f"do not read as weights; pass the checkpoint (.pth) it was "
+                               f"exported from.")
         return "torch"
     if len(head) > 8 and head[8:9] == b"{":  # 8-byte header length, then the JSON header
         return "safetensors"
@@ -145,6 +149,13 @@ def _sniff(path: Path) -> str:
         raise _damaged(path, f"{kinds[path.suffix]} file")
     raise WeightsError(f"{path} is not a weights file this program reads (PyTorch .pth/.bin, "
                        f".safetensors, Google .npz, or a Hugging Face folder).")
+
+
+def _is_torchscript(names: list[str]) -> bool:
+    """Whether a zip's member names are torch.jit.save's: beside torch.save's data.pkl and
+    data/, an archive/constants.pkl and the model's Python code under archive/code/."""
+    inside = [name.partition("/")[2] for name in names]  # below the archive's one folder
+    return "constants.pkl" in inside or any(name.startswith("code/") for name in inside)
 
 
 def _damaged(path: Path, what: str, detail: str = "") -> WeightsError:

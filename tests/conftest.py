@@ -1,7 +1,8 @@
 """What the test files share: the repository on sys.path (ROOT), tiny images, demo data,
 train.py's argv (train_argv), a script's main run in-process (run_cli, one_error_line), the
 session's trained demo run (trained_demo), checkpoints read back (load), a tiny ViT and
-random batches (tiny_model, random_loader), and a local HTTP server (server, no_proxies)."""
+random batches (tiny_model, random_loader), a folder that refuses new files
+(unwritable_folder), and a local HTTP server (server, no_proxies)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import http.server
 import io
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -200,6 +202,33 @@ def trained_demo(tmp_path_factory: pytest.TempPathFactory, demo_flowers: Path) -
     assert code == 0, err
     return TrainedDemo(root, demo_flowers, root / "weights", root / "runs", out, err, seed,
                        val_rate)
+
+
+@pytest.fixture
+def unwritable_folder(tmp_path: Path) -> Iterator[Path]:
+    """An existing folder in which no file can be created: a folder of mode 555, or /sys
+    where that does not stop the user (root ignores modes; sysfs refuses new files to all)."""
+    import os
+    import tempfile
+
+    def refuses_files(folder: Path) -> bool:
+        try:
+            with tempfile.TemporaryFile(dir=folder):
+                return False
+        except OSError:
+            return True
+
+    locked = tmp_path / "read_only"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        for folder in (locked, Path("/sys")):
+            if folder.is_dir() and refuses_files(folder):
+                yield folder
+                return
+        pytest.skip("no folder here refuses new files (root, and /sys writable)")
+    finally:
+        os.chmod(locked, 0o755)  # so that pytest can remove tmp_path
 
 
 # --------------------------------------------------------------------------- a local server

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import one_error_line, run_cli
 from PIL import Image
 
 import evaluate
@@ -401,3 +401,40 @@ def test_a_failed_write_is_one_error_line(trained, tmp_path, monkeypatch):
     assert rc == 1 and len(err.splitlines()) == 1, err
     assert err.startswith(f"error: Cannot write {out_dir / 'metrics.json'} (Read-only")
     assert "accuracy:" in out  # the numbers were printed before the write failed
+
+
+@pytest.mark.parametrize("flag, name", [("--output-dir", ""), ("--output-dir", "eval"),
+                                        ("--html", "report.html")])
+def test_a_folder_that_refuses_files_is_refused_before_the_work(trained, tmp_path,
+                                                                 unwritable_folder, flag, name):
+    # Found before the model is loaded, not after the table is printed and the other
+    # results written: one line, exit 2, nothing written anywhere.
+    data, ckpt = trained
+    target = unwritable_folder / name if name else unwritable_folder
+    folders = {"--output-dir": tmp_path / "eval", flag: target}
+    rc, out, err = run_cli(evaluate.main, ["--weights", ckpt, "--data-path", data, "--device",
+                                           "cpu", *(a for pair in folders.items() for a in pair)])
+    line = one_error_line(rc, err)
+    assert line.startswith(f"error: {flag} {target}: no file can be created in "
+                           f"{unwritable_folder} ("), line
+    assert line.endswith("; check the folder's permissions.")
+    assert out == "" and not (tmp_path / "eval").exists()
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**63), "99999999999999999999999"])
+def test_a_seed_outside_what_torch_accepts_is_bad_input(trained, tmp_path, seed):
+    data, ckpt = trained
+    rc, out, err = run_cli(evaluate.main, ["--weights", ckpt, "--data-path", data, "--device",
+                                           "cpu", "--seed", seed, "--output-dir",
+                                           tmp_path / "eval"])
+    assert one_error_line(rc, err) == f"error: --seed must be from 0 to {2**63 - 1}, not {seed}."
+    assert out == "" and not (tmp_path / "eval").exists()
+
+
+def test_the_largest_seed_is_accepted(trained, tmp_path):
+    data, ckpt = trained
+    rc, _, err = run_cli(evaluate.main, ["--weights", ckpt, "--data-path", data, "--device",
+                                         "cpu", "--seed", str(2**63 - 1), "--output-dir",
+                                         tmp_path / "eval"])
+    assert rc == 0, err
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["seed"] == 2**63 - 1

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import one_error_line, run_cli
 
 import export
 from predict import load_classifier
@@ -145,6 +145,17 @@ def test_a_file_torchs_writer_cannot_open_is_a_write_error_with_the_systems_reas
     assert not any(tmp_path.iterdir())
 
 
+def test_a_folder_torchs_writer_may_not_write_in_says_to_check_its_permissions(
+        unwritable_folder):
+    from errors import WriteError
+
+    output = unwritable_folder / "vit.pt"
+    with pytest.raises(WriteError) as caught:
+        export.export_torchscript(torch.nn.Linear(2, 2), torch.randn(1, 2), {}, output)
+    assert str(caught.value) == (f"Cannot write {output} (Permission denied); check the "
+                                 f"folder's permissions.")
+
+
 def test_an_output_name_too_long_for_the_file_system_is_bad_input(checkpoint, tmp_path):
     # Checked before loading or tracing anything: one line, exit 2, nothing written.
     output = tmp_path / ("x" * 300 + ".pt")
@@ -152,3 +163,69 @@ def test_an_output_name_too_long_for_the_file_system_is_bad_input(checkpoint, tm
     assert code == 2 and out == ""
     assert err == f"error: --output {output} cannot be written (File name too long).\n"
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("spelling", ["the same path", "another spelling", "a symlink",
+                                      "a hard link", "the default weights"])
+def test_an_output_that_is_the_weights_file_is_refused(checkpoint, tmp_path, monkeypatch,
+                                                       spelling):
+    # The export must never replace the checkpoint it reads: one line, exit 2, file intact,
+    # also when --weights is left to its default (weights/best.pth in the current folder).
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    weights = folder / "best.pth"
+    weights.write_bytes(checkpoint.read_bytes())
+    before = weights.read_bytes()
+    output = {"the same path": weights, "another spelling": folder / ".." / "weights" / "best.pth",
+              "a symlink": tmp_path / "link.pth", "a hard link": tmp_path / "hard.pth",
+              "the default weights": Path("weights") / "best.pth"}[spelling]
+    if spelling == "a symlink":
+        output.symlink_to(weights)
+    elif spelling == "a hard link":
+        output.hardlink_to(weights)
+    argv = ["--output", output]
+    if spelling == "the default weights":
+        monkeypatch.chdir(tmp_path)
+    else:
+        argv += ["--weights", weights]
+    code, out, err = run_cli(export.main, argv)
+    line = one_error_line(code, err)
+    assert f"--output {output} is the weights file" in line, line
+    assert out == "" and weights.read_bytes() == before
+
+
+def test_the_format_follows_the_output_suffix_without_format(checkpoint, tmp_path, monkeypatch):
+    # vit.onnx without --format is an ONNX export: here its missing packages say so, where
+    # the TorchScript default used to write a TorchScript file named vit.onnx.
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnxruntime" else real_find_spec(name))
+    output = tmp_path / "vit.onnx"
+    code, _, err = run_cli(export.main, ["--weights", checkpoint, "--output", output])
+    assert one_error_line(code, err).startswith("error: ONNX export needs")
+    assert not output.exists()
+
+
+@pytest.mark.parametrize("name, given, needle", [
+    ("e.txt", None, "the suffix .txt names no export format"),
+    ("vit", None, "the suffix (none) names no export format"),
+    ("vit.pth", None, ".pth is the suffix of this project's checkpoints"),
+    ("vit.pt", "onnx", "ends in .pt, which means TorchScript, but --format is onnx"),
+    ("vit.onnx", "torchscript", "ends in .onnx, which means ONNX, but --format is torchscript"),
+])
+def test_an_output_suffix_that_names_no_format_or_another_is_bad_input(checkpoint, tmp_path,
+                                                                       name, given, needle):
+    output = tmp_path / name
+    argv = ["--weights", checkpoint, "--output", output]
+    code, out, err = run_cli(export.main, argv + (["--format", given] if given else []))
+    assert needle in one_error_line(code, err)
+    assert out == "" and not output.exists()
+
+
+def test_an_output_in_a_folder_that_refuses_files_is_refused_before_the_work(checkpoint,
+                                                                             unwritable_folder):
+    output = unwritable_folder / "new" / "vit.pt"
+    code, out, err = run_cli(export.main, ["--weights", checkpoint, "--output", output])
+    assert one_error_line(code, err).startswith(f"error: --output {output}: no file can be "
+                                                f"created in {unwritable_folder} (")
+    assert out == ""

@@ -692,3 +692,22 @@ def test_predict_sees_a_phone_photo_upright(trained, tmp_path, orientation, stor
     torch.testing.assert_close(fed, expected)
     left, right = fed[0, :, :8].mean(), fed[0, :, -8:].mean()  # red channel
     assert left > 0.5 and right < -0.5  # upright: red on the left
+
+
+@pytest.mark.parametrize("flag, name, images", [
+    ("--save-fig", "prediction.png", 1), ("--save-fig", "new/grid.png", 2),
+    ("--attention", "attention.png", 1), ("--attention", "", 2), ("--attention", "maps", 2),
+    ("--grad-cam", "gradcam.png", 1), ("--grad-cam", "", 2), ("--grad-cam", "maps", 2),
+])
+def test_a_figure_in_a_folder_that_refuses_files_is_refused_before_the_work(
+        trained, unwritable_folder, flag, name, images):
+    # Found before the model is loaded, not after the predictions are printed.
+    data, ckpt = trained
+    target = unwritable_folder / name if name else unwritable_folder
+    inputs = [data / "roses" / f"roses_000{i}.jpg" for i in range(images)]
+    rc, out, err = run_cli(predict.main, [*inputs, "--weights", ckpt, "--device", "cpu", flag,
+                                          target])
+    line = one_error_line(rc, err)
+    assert line.startswith(f"error: {flag} {target}: no file can be created in "
+                           f"{unwritable_folder} ("), line
+    assert out == ""

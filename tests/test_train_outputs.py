@@ -109,8 +109,8 @@ def test_a_folder_that_cannot_be_made_is_one_error_line(tmp_path: Path, monkeypa
     assert rc == 1
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [
-        f"error: Cannot write {refused} (Permission denied); check the folder and the free "
-        f"space."], err
+        f"error: Cannot write {refused} (Permission denied); check the folder's "
+        f"permissions."], err
     assert not refused.exists()
     # Nothing of the refused run is left, not even the other folder made just before.
     assert not (tmp_path / "weights").exists() and not (tmp_path / "runs").exists()

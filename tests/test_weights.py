@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -727,3 +728,16 @@ def test_safetensors_header_with_impossible_shape_or_offsets(tmp_path, shape, of
                       bytes(64))
     with pytest.raises(WeightsError, match="not a readable safetensors file"):
         read_weights(path)
+
+
+def test_a_torchscript_export_is_named_as_one(tmp_path):
+    # export.py's file is a zip too, which torch.load refuses: say what it is, not "corrupt".
+    path = tmp_path / "vit.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's and torch.jit's deprecation notices
+        torch.jit.save(torch.jit.trace(random_ours().eval(), images()), str(path))
+    with pytest.raises(WeightsError) as error:
+        read_weights(path)
+    assert str(error.value) == (
+        f"{path} is a TorchScript export of a model, which the commands do not read as "
+        f"weights; pass the checkpoint (.pth) it was exported from.")

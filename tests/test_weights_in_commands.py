@@ -109,3 +109,17 @@ def test_a_file_for_another_model_is_one_line_naming_the_model_that_fits(
     assert rc == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
     assert "7x7 grid of 8 px patches" in err and f"pass --model-name {DEMO}" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_export_passed_as_weights_is_named_as_one(tmp_path, demo_flowers):
+    # export.py's own output, given back to predict as --weights: one line saying what it is.
+    weights = demo_state_dict_at_56(tmp_path)
+    exported = tmp_path / "vit.pt"
+    rc, _, err = run_cli(export.main, ["--weights", weights, "--model-name", DEMO, "--output",
+                                       exported])
+    assert rc == 0, err
+    rc, out, err = run_cli(predict.main, [demo_flowers / "roses" / "roses_0000.jpg", "--weights",
+                                          exported, "--device", "cpu"])
+    assert rc == 2 and out == "" and err == (
+        f"error: {exported} is a TorchScript export of a model, which the commands do not read "
+        f"as weights; pass the checkpoint (.pth) it was exported from.\n")
