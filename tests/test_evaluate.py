@@ -6,12 +6,14 @@ import base64
 import csv
 import io
 import json
+import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import one_error_line, run_cli
+from conftest import ROOT, one_error_line, run_cli
 from PIL import Image
 
 import evaluate
@@ -438,3 +440,11 @@ def test_the_largest_seed_is_accepted(trained, tmp_path):
                                          tmp_path / "eval"])
     assert rc == 0, err
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["seed"] == 2**63 - 1
+
+
+def test_report_py_run_as_a_command_names_the_command_that_writes_its_page():
+    result = subprocess.run([sys.executable, "report.py", "--help"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == ("error: report.py has no command of its own; the page is written "
+                             "by python evaluate.py --html report.html\n")
