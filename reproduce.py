@@ -198,9 +198,18 @@ def results_markdown(results: list[Result], args: argparse.Namespace, pretrained
     return "\n".join(lines)
 
 
+def check_epochs_scale(scale: float) -> None:
+    """A positive number that leaves every run a countable number of epochs."""
+    if not (math.isfinite(scale) and scale > 0):
+        raise UserError(f"--epochs-scale must be a positive number, not {scale}.")
+    longest = max(RUNS, key=lambda run: run.epochs)  # --quick's runs are all shorter
+    if not math.isfinite(longest.epochs * scale):  # round() of an infinity: OverflowError
+        raise UserError(f"--epochs-scale {scale} is too large: run {longest.name}'s "
+                        f"{longest.epochs} epochs times it is more than a number can hold.")
+
+
 def run_all(args: argparse.Namespace, extra: list[str], command: str) -> int:
-    if not (math.isfinite(args.epochs_scale) and args.epochs_scale > 0):
-        raise UserError(f"--epochs-scale must be a positive number, not {args.epochs_scale}.")
+    check_epochs_scale(args.epochs_scale)
     out = Path(args.out)
     check_output_file(out / "results.md", "--out")  # before hours of training, not after
     if args.quick:

@@ -138,7 +138,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="fraction of each class held out for validation (default: "
                              "%(default)s)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
-                        help="seed of the split and the run (default: %(default)s)")
+                        help="seed of the split and the run, below 2**32 (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=None,
                         help="data loader processes (default: the cores this process may use, "
                              "shared among torchrun's processes, at most 16)")
@@ -286,6 +286,10 @@ class Setup:
 
 # Inputs larger than this are a typo (a ViT-B/16 at 4096 px has 65536 patches per image).
 MAX_IMG_SIZE = 4096
+# --seed is below this. torch.manual_seed takes up to 2**64 - 1, but the training sampler
+# seeds its generator with seed * 100_003 + epoch, which must stay below 2**64 too; a 32-bit
+# seed leaves room to spare (and is what NumPy's legacy seeding takes).
+SEED_LIMIT = 2**32
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -352,6 +356,8 @@ def range_problems(args: argparse.Namespace) -> list[str]:
          f"--val-rate must be between 0 and 1, got {args.val_rate}."),
         (args.img_size is None or 1 <= args.img_size <= MAX_IMG_SIZE,
          f"--img-size must be between 1 and {MAX_IMG_SIZE} pixels, got {args.img_size}."),
+        (0 <= args.seed < SEED_LIMIT,
+         f"--seed must be in [0, 2**32), got {args.seed}."),
     ]
     return [message for ok, message in checks if not ok]
 

@@ -83,7 +83,7 @@ def test_full_mode_without_weights_exits_2(quick_run, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("scale", ["nan", "inf", "0", "-1"])
+@pytest.mark.parametrize("scale", ["nan", "inf", "0", "-1", "1e308"])
 def test_epochs_scale_must_be_a_positive_number(tmp_path, capsys, scale):
     rc = reproduce.main(["--quick", "--out", str(tmp_path / "out"), "--epochs-scale", scale])
     err = capsys.readouterr().err

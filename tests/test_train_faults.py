@@ -77,6 +77,7 @@ BAD_FLAGS = [
     ["--epochs", "0"], ["--batch-size", "0"], ["--accum-steps", "0"],
     ["--val-rate", "0"], ["--val-rate", "1"], ["--val-rate", "nan"],
     ["--keep", "0"], ["--keep", "-1"], ["--num-classes", "0"], ["--frozen-batch", "-1"],
+    ["--seed", "-1"], ["--seed", str(train.SEED_LIMIT)], ["--seed", "99999999999999999999999"],
 ]
 
 
@@ -85,6 +86,15 @@ def test_a_flag_out_of_range_stops_before_anything_is_written(data, tmp_path, ba
     code, _, err = run_cli(train.main, args_for(data, tmp_path, *bad))
     assert bad[0] in one_error_line(code, err)
     assert not (tmp_path / "out").exists() and not (tmp_path / "logs").exists()
+
+
+def test_the_largest_seed_trains(data, tmp_path):
+    # The sampler seeds torch's generator with seed * 100_003 + epoch, which must stay below
+    # 2**64: a seed of 2**63 - 1 passes torch.manual_seed but fails there, in the first epoch.
+    code, _, err = run_cli(train.main, args_for(data, tmp_path, "--seed",
+                                                str(train.SEED_LIMIT - 1)))
+    assert code == 0, err
+    assert load(tmp_path / "out" / "model-0.pth")["args"]["seed"] == train.SEED_LIMIT - 1
 
 
 @pytest.mark.parametrize("flag", ["--output-dir", "--log-dir"])
