@@ -313,6 +313,11 @@ def check_args(args: argparse.Namespace) -> None:
         if in_the_way is not None:
             raise UserError(f"{flag} {folder}: {in_the_way} is a file, not a folder; pass "
                             f"another {flag}.")
+        # Where the folder, or the first folder made on the way to it, will be created.
+        nearest = next(p for p in (Path(folder), *Path(folder).parents) if p.exists())
+        if not os.access(nearest, os.W_OK | os.X_OK):
+            raise UserError(f"{flag} {folder}: {nearest} is read-only or not ours to write "
+                            f"in; pass another {flag}.")
         if data.is_dir() and Path(folder).resolve().is_relative_to(data):
             raise UserError(f"{flag} {folder} is inside --data-path {args.data_path}, where "
                             f"every folder is a class; pass a folder outside it.")
@@ -442,14 +447,14 @@ def claim_output_dir(args: argparse.Namespace, setup: Setup) -> Iterator[None]:
     except ProjectError:  # the log folder failed after the output folder was made
         leave_no_trace(created)
         raise
-    with lock_run_folder(args.output_dir):
-        for path in remove_temporary_files(args.output_dir):
-            setup.log(f"note: removed {path}, left by a write that was interrupted.")
-        try:
+    try:
+        with lock_run_folder(args.output_dir):
+            for path in remove_temporary_files(args.output_dir):
+                setup.log(f"note: removed {path}, left by a write that was interrupted.")
             yield
-        except (ProjectError, KeyboardInterrupt):
-            leave_no_trace(created)
-            raise
+    except (ProjectError, KeyboardInterrupt):
+        leave_no_trace(created)  # once the lock's file is gone with the lock
+        raise
 
 
 def leave_no_trace(created: list[Path]) -> None:
@@ -843,7 +848,9 @@ class RunOutputs:
         self.output_dir = Path(args.output_dir)
         self.keep = args.keep
         self.class_names = split.class_names
-        # claim_output_dir made the folder.
+        # This run's TensorBoard folder first: a refusal there leaves nothing written yet.
+        make_output_dir(log_dir, "--log-dir")
+        # claim_output_dir made the output folder.
         write_class_indices(split.class_names, self.output_dir / CLASS_INDICES_FILE)
         from torch.utils.tensorboard import SummaryWriter  # heavy; only when training
 
