@@ -312,6 +312,14 @@ def find_checkpoint(folder: str | Path) -> Path | None:
     return newest_epoch_checkpoint(folder)
 
 
+def run_files(folder: str | Path) -> list[Path]:
+    """The checkpoints a training run left in folder: best.pth, interrupted.pth, then the
+    epoch checkpoints oldest first. (class_indices.json alone is no run: it holds no weights.)"""
+    folder = Path(folder)
+    named = [folder / name for name in (BEST_FILE, INTERRUPTED_FILE) if (folder / name).is_file()]
+    return named + [path for _, path in epoch_checkpoints(folder)]
+
+
 def prune_checkpoints(folder: str | Path, keep: int | None) -> None:
     """Delete all but the newest `keep` epoch checkpoints; best.pth is never touched."""
     if keep is None:

@@ -44,9 +44,11 @@ from checkpoints import (
     make_checkpoint,
     newest_epoch_checkpoint,
     prune_checkpoints,
+    read_train_args,
     remove_temporary_files,
     restore_best,
     restore_training_state,
+    run_files,
     save_checkpoint,
     training_state,
 )
@@ -55,7 +57,14 @@ from cuda_graphs import CudaGraphModel, use_cuda_graphs
 from demo_data import make_demo_flowers
 from distributed import Distributed, ShardSampler, barrier, init_distributed, shut_down
 from download import FLOWERS_DIR, WEIGHTS_FILE
-from errors import ProjectError, UserError, WeightsError, WriteError, make_output_dir
+from errors import (
+    ProjectError,
+    UserError,
+    WeightsError,
+    WriteError,
+    make_output_dir,
+    writing,
+)
 from frozen_features import FrozenHeadTraining, plan_frozen_head
 from my_dataset import MyDataSet, build_transforms, unnormalize
 from utils import (
@@ -321,6 +330,33 @@ def check_args(args: argparse.Namespace) -> None:
         if data.is_dir() and Path(folder).resolve().is_relative_to(data):
             raise UserError(f"{flag} {folder} is inside --data-path {args.data_path}, where "
                             f"every folder is a class; pass a folder outside it.")
+    earlier_demo_run(args)  # refuses an --output-dir that holds another run
+
+
+def earlier_demo_run(args: argparse.Namespace) -> list[Path]:
+    """The checkpoints of an earlier --demo run in --output-dir, which this run replaces.
+
+    Any other run there is refused (UserError), unless this run continues it (--resume auto,
+    or --resume from a checkpoint in that folder): a new run would replace best.pth and its
+    own epochs' checkpoints and leave the rest, and a later --resume auto would continue the
+    old run. A demo run is the exception because it is a toy, remade in a minute: `python
+    train.py --demo` twice, or the demo and then a real run, both write into ./weights.
+    """
+    output_dir = Path(args.output_dir)
+    if args.resume == "auto" or (
+            args.resume and Path(args.resume).resolve().parent == output_dir.resolve()):
+        return []
+    found = run_files(output_dir)
+    if all(read_train_args(path).get("demo") is True for path in found):
+        return found
+    names = [path.name for path in found if path.name in (BEST_FILE, INTERRUPTED_FILE)]
+    epochs = epoch_checkpoints(output_dir)
+    if epochs:
+        first, last = epochs[0][1].name, epochs[-1][1].name
+        names.append(first if len(epochs) == 1 else f"{first} ... {last}")
+    raise UserError(f"--output-dir {output_dir} already holds a training run "
+                    f"({', '.join(names)}); continue it with --resume auto, or pass another "
+                    f"--output-dir to start a new one.")
 
 
 def range_problems(args: argparse.Namespace) -> list[str]:
@@ -451,10 +487,23 @@ def claim_output_dir(args: argparse.Namespace, setup: Setup) -> Iterator[None]:
         with lock_run_folder(args.output_dir):
             for path in remove_temporary_files(args.output_dir):
                 setup.log(f"note: removed {path}, left by a write that was interrupted.")
+            replace_demo_run(args, setup.log)
             yield
     except (ProjectError, KeyboardInterrupt):
         leave_no_trace(created)  # once the lock's file is gone with the lock
         raise
+
+
+def replace_demo_run(args: argparse.Namespace, log=print) -> None:
+    """Delete the checkpoints of an earlier --demo run in the output folder (earlier_demo_run),
+    so that none of them is taken for this run's; asked again under the lock."""
+    found = earlier_demo_run(args)
+    for path in found:
+        with writing(path):
+            path.unlink()
+    if found:
+        log(f"note: replaced the earlier --demo run in {args.output_dir} (its {len(found)} "
+            f"checkpoints are deleted).")
 
 
 def leave_no_trace(created: list[Path]) -> None:
