@@ -40,7 +40,9 @@ FORMAT_VERSION = 1
 DEFAULT_OUTPUT_DIR = "weights"
 # The files a training run writes into its output folder.
 BEST_FILE = "best.pth"                    # the epoch with the highest validation accuracy
-INTERRUPTED_FILE = "interrupted.pth"      # the weights at Ctrl-C; no optimizer state
+# The weights at Ctrl-C, no optimizer state; deleted once the run writes a newer epoch
+# checkpoint or finishes, so it never outlives the run it was interrupted in.
+INTERRUPTED_FILE = "interrupted.pth"
 CLASS_INDICES_FILE = "class_indices.json"  # {"0": "daisy", ...}, as the reproduced repository
 _EPOCH_PREFIX, _SUFFIX = "model-", ".pth"
 EPOCH_FILES = f"{_EPOCH_PREFIX}*{_SUFFIX}"  # the glob of the epoch checkpoints, epoch_file(n)

@@ -970,9 +970,18 @@ class RunOutputs:
         if is_best:
             paths.append(self.output_dir / BEST_FILE)
         with self.stop_on_failed_write():
-            self.saver.save(checkpoint, paths,
-                            after=lambda: prune_checkpoints(self.output_dir, self.keep))
+            self.saver.save(checkpoint, paths, after=self.epoch_saved)
         self.saver.run(self.writer.flush)
+
+    def epoch_saved(self) -> None:
+        """On the writer's thread, once an epoch checkpoint is on disk: --keep's pruning, and
+        interrupted.pth goes, its mid-epoch weights superseded by this newer checkpoint."""
+        prune_checkpoints(self.output_dir, self.keep)
+        self.remove_interrupted()
+
+    def remove_interrupted(self) -> None:
+        with contextlib.suppress(OSError):  # a stale file left is no reason to stop a run
+            (self.output_dir / INTERRUPTED_FILE).unlink(missing_ok=True)
 
     @contextlib.contextmanager
     def stop_on_failed_write(self) -> Iterator[None]:
@@ -1034,6 +1043,7 @@ def run_epochs(args: argparse.Namespace, setup: Setup, split: Split, wrappers: W
             outputs.epoch_done(epoch, metrics, val_stats.confusion, checkpoint, is_best)
         if outputs is not None:
             outputs.finish()
+            outputs.remove_interrupted()  # also when a resumed run had no epoch left to train
     except KeyboardInterrupt:
         if outputs is not None:
             path = outputs.save_interrupted(make_checkpoint(

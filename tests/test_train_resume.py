@@ -190,3 +190,9 @@ def test_sigint_saves_and_exits_cleanly(demo_flowers, tmp_path):
     interrupted = load(tmp_path / "weights" / "interrupted.pth")
     assert interrupted["class_names"] and "model" in interrupted
     assert load(tmp_path / "weights" / "model-0.pth")["epoch"] == 0
+
+    # Resumed to the end (in larger batches), the run's newer checkpoints supersede the
+    # mid-epoch weights: interrupted.pth is gone, and no later look at the folder finds it.
+    assert train.main([*args, "--resume", "auto", "--batch-size", "25"]) == 0
+    assert epochs_in(tmp_path / "weights") == [0, 1, 2]
+    assert not (tmp_path / "weights" / "interrupted.pth").exists()
