@@ -158,6 +158,8 @@ def train_once(label: str, argv: list[str]) -> Path:
     print(f"{label}: python train.py {' '.join(repr(a) if not a else a for a in argv)}",
           flush=True)
     rc = train.main(argv)
+    if rc == 130:  # Ctrl-C, which train.py turned into its exit status
+        raise KeyboardInterrupt
     if rc != 0:
         raise RunFailed(f"{label} failed (train.py exit status {rc}); its messages are above.",
                         rc)
@@ -290,12 +292,23 @@ def run_all(args: argparse.Namespace, extra: list[str], command: str) -> int:
     return 0
 
 
+def run(args: argparse.Namespace, extra: list[str], command: str) -> int:
+    """run_all; Ctrl-C, in a run or between runs, says how to go on and exits 130."""
+    try:
+        return run_all(args, extra, command)
+    except KeyboardInterrupt:
+        # The finished runs are skipped and the interrupted one resumes (--resume auto).
+        print("\nInterrupted; run the same reproduce.py command again to resume.",
+              file=sys.stderr)
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     ours, extra = split_argv(argv)
     args = get_args_parser().parse_args(ours)
     command = "python reproduce.py " + " ".join(argv)
-    return run_main(lambda parsed: run_all(parsed, extra, command.strip()), args)
+    return run_main(lambda parsed: run(parsed, extra, command.strip()), args)
 
 
 if __name__ == "__main__":

@@ -1050,9 +1050,11 @@ def run_epochs(args: argparse.Namespace, setup: Setup, split: Split, wrappers: W
                 model, args.model_name, split.class_names, dict(vars(args)), epoch - 1, {},
                 interrupted_in_epoch=epoch))
             outputs.finish()
+            # A command that has --resume auto already (reproduce.py's) continues as it is.
+            again = ("run the same command again to continue" if args.resume == "auto" else
+                     "continue the run with the same command and --resume auto")
             print(f"\nInterrupted in epoch {epoch}. The weights at that moment are in {path}; "
-                  f"continue the run with the same command and --resume auto (from the last "
-                  f"complete epoch).", file=sys.stderr)
+                  f"{again} (from the last complete epoch).", file=sys.stderr)
         return 130
     finally:
         if outputs is not None:
