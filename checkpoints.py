@@ -40,7 +40,9 @@ FORMAT_VERSION = 1
 DEFAULT_OUTPUT_DIR = "weights"
 # The files a training run writes into its output folder.
 BEST_FILE = "best.pth"                    # the epoch with the highest validation accuracy
-INTERRUPTED_FILE = "interrupted.pth"      # the weights at Ctrl-C; no optimizer state
+# The weights at Ctrl-C, no optimizer state; deleted once the run writes a newer epoch
+# checkpoint or finishes, so it never outlives the run it was interrupted in.
+INTERRUPTED_FILE = "interrupted.pth"
 CLASS_INDICES_FILE = "class_indices.json"  # {"0": "daisy", ...}, as the reproduced repository
 _EPOCH_PREFIX, _SUFFIX = "model-", ".pth"
 EPOCH_FILES = f"{_EPOCH_PREFIX}*{_SUFFIX}"  # the glob of the epoch checkpoints, epoch_file(n)
@@ -310,6 +312,14 @@ def find_checkpoint(folder: str | Path) -> Path | None:
     if (folder / BEST_FILE).is_file():
         return folder / BEST_FILE
     return newest_epoch_checkpoint(folder)
+
+
+def run_files(folder: str | Path) -> list[Path]:
+    """The checkpoints a training run left in folder: best.pth, interrupted.pth, then the
+    epoch checkpoints oldest first. (class_indices.json alone is no run: it holds no weights.)"""
+    folder = Path(folder)
+    named = [folder / name for name in (BEST_FILE, INTERRUPTED_FILE) if (folder / name).is_file()]
+    return named + [path for _, path in epoch_checkpoints(folder)]
 
 
 def prune_checkpoints(folder: str | Path, keep: int | None) -> None:

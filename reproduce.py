@@ -16,7 +16,8 @@ folder to retrain), and an interrupted one resumes from its newest checkpoint
 (train.py --resume auto), so a stopped reproduction picks up where it stopped. Then
 --out/results.md gets the table of best validation accuracies beside the report's, and
 --out/val_acc.png the three validation-accuracy curves. Arguments after `--` go to every
-train.py call and win over the ones given here.
+train.py call and win over the ones given here, except the ones each run sets (its folders,
+data, weights, epochs, --freeze-layers and --resume), which are refused.
 
 --quick trains the small demo ViT on synthetic flowers (demo_data.py), and stands in for
 the ImageNet-21k weights with a demo model trained from scratch on the same data first.
@@ -64,7 +65,8 @@ QUICK_MODEL = train.DEMO_SETTINGS["model_name"]
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Run the report's three experiments and write results.md.",
-        epilog="Arguments after -- are passed to every train.py call.")
+        epilog="Arguments after -- are passed to every train.py call (not the flags that "
+               "each run sets: its folders, data, weights, epochs, --freeze-layers, --resume).")
     parser.add_argument("--out", default="./reproduce", help="folder for the runs and results")
     parser.add_argument("--data-path", default=None,
                         help=f"flower_photos (default: ./{FLOWERS_DIR}; with --quick "
@@ -104,6 +106,40 @@ def train_argv(run: Run, args: argparse.Namespace, out: Path, pretrained: str) -
             "--output-dir", str(weights_dir), "--log-dir", str(log_dir), "--resume", "auto"]
 
 
+def pretrain_argv(args: argparse.Namespace, out: Path) -> list[str]:
+    """--quick's pretraining, the stand-in for the ImageNet-21k weights of runs 1 and 2."""
+    weights_dir, log_dir = run_folder(out, "pretrain")
+    return ["--data-path", args.data_path, "--weights", "", "--no-freeze-layers",
+            "--epochs", str(scaled(QUICK_EPOCHS["pretrain"], args.epochs_scale)),
+            "--output-dir", str(weights_dir), "--log-dir", str(log_dir), "--resume", "auto"]
+
+
+# The train.py flags that train_argv and pretrain_argv set for each run (by their argparse
+# names), which arguments after `--` may not change, and what to do instead.
+SET_FOR_EACH_RUN = {
+    "output_dir": "every run has its own folders under --out; pass another --out",
+    "log_dir": "every run has its own folders under --out; pass another --out",
+    "data_path": "pass reproduce.py's own --data-path, before the --",
+    "weights": "pass reproduce.py's own --weights, before the --",
+    "epochs": "scale the report's epochs with --epochs-scale",
+    "freeze_layers": "run 1 trains the head only, runs 2 and 3 the whole network",
+    "resume": "every run resumes by itself when the same command is run again",
+}
+
+
+def check_extra(extra: list[str]) -> None:
+    """Refuse an argument after `--` that would override what each run sets: with
+    --output-dir, say, all three runs would train into one folder and report one number."""
+    given = train.given_options(extra)  # argparse's reading: abbreviations, --flag=value
+    for name, instead in SET_FOR_EACH_RUN.items():
+        if name in given:
+            raise UserError(f"--{name.replace('_', '-')} cannot follow --: reproduce.py sets "
+                            f"it for each run; {instead}.")
+    if "demo" in given:  # it would swap the model of the full runs for the demo's
+        raise UserError("--demo cannot follow --: pass --quick for the synthetic data and the "
+                        "demo ViT.")
+
+
 def quick_settings() -> list[str]:
     # The demo settings train.py's --demo uses, so the small model learns in a few epochs.
     demo = train.DEMO_SETTINGS
@@ -122,6 +158,8 @@ def train_once(label: str, argv: list[str]) -> Path:
     print(f"{label}: python train.py {' '.join(repr(a) if not a else a for a in argv)}",
           flush=True)
     rc = train.main(argv)
+    if rc == 130:  # Ctrl-C, which train.py turned into its exit status
+        raise KeyboardInterrupt
     if rc != 0:
         raise RunFailed(f"{label} failed (train.py exit status {rc}); its messages are above.",
                         rc)
@@ -198,9 +236,19 @@ def results_markdown(results: list[Result], args: argparse.Namespace, pretrained
     return "\n".join(lines)
 
 
+def check_epochs_scale(scale: float) -> None:
+    """A positive number that leaves every run a countable number of epochs."""
+    if not (math.isfinite(scale) and scale > 0):
+        raise UserError(f"--epochs-scale must be a positive number, not {scale}.")
+    longest = max(RUNS, key=lambda run: run.epochs)  # --quick's runs are all shorter
+    if not math.isfinite(longest.epochs * scale):  # round() of an infinity: OverflowError
+        raise UserError(f"--epochs-scale {scale} is too large: run {longest.name}'s "
+                        f"{longest.epochs} epochs times it is more than a number can hold.")
+
+
 def run_all(args: argparse.Namespace, extra: list[str], command: str) -> int:
-    if not (math.isfinite(args.epochs_scale) and args.epochs_scale > 0):
-        raise UserError(f"--epochs-scale must be a positive number, not {args.epochs_scale}.")
+    check_epochs_scale(args.epochs_scale)
+    check_extra(extra)
     out = Path(args.out)
     check_output_file(out / "results.md", "--out")  # before hours of training, not after
     if args.quick:
@@ -209,12 +257,8 @@ def run_all(args: argparse.Namespace, extra: list[str], command: str) -> int:
             print(f"Quick mode: writing synthetic flower images to {args.data_path}.")
             make_demo_flowers(args.data_path)
         common = quick_settings()
-        weights_dir, log_dir = run_folder(out, "pretrain")
-        pretrain_dir = train_once("pretraining (quick mode's stand-in for ImageNet-21k)", [
-            "--data-path", args.data_path, "--weights", "", "--no-freeze-layers",
-            "--epochs", str(scaled(QUICK_EPOCHS["pretrain"], args.epochs_scale)),
-            "--output-dir", str(weights_dir), "--log-dir", str(log_dir), "--resume", "auto",
-            *common, *extra])
+        pretrain_dir = train_once("pretraining (quick mode's stand-in for ImageNet-21k)",
+                                  pretrain_argv(args, out) + common + extra)
         pretrained = str(pretrain_dir / BEST_FILE)
     else:
         args.data_path = args.data_path or f"./{FLOWERS_DIR}"
@@ -248,12 +292,23 @@ def run_all(args: argparse.Namespace, extra: list[str], command: str) -> int:
     return 0
 
 
+def run(args: argparse.Namespace, extra: list[str], command: str) -> int:
+    """run_all; Ctrl-C, in a run or between runs, says how to go on and exits 130."""
+    try:
+        return run_all(args, extra, command)
+    except KeyboardInterrupt:
+        # The finished runs are skipped and the interrupted one resumes (--resume auto).
+        print("\nInterrupted; run the same reproduce.py command again to resume.",
+              file=sys.stderr)
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     ours, extra = split_argv(argv)
     args = get_args_parser().parse_args(ours)
     command = "python reproduce.py " + " ".join(argv)
-    return run_main(lambda parsed: run_all(parsed, extra, command.strip()), args)
+    return run_main(lambda parsed: run(parsed, extra, command.strip()), args)
 
 
 if __name__ == "__main__":

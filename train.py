@@ -44,9 +44,11 @@ from checkpoints import (
     make_checkpoint,
     newest_epoch_checkpoint,
     prune_checkpoints,
+    read_train_args,
     remove_temporary_files,
     restore_best,
     restore_training_state,
+    run_files,
     save_checkpoint,
     training_state,
 )
@@ -55,7 +57,14 @@ from cuda_graphs import CudaGraphModel, use_cuda_graphs
 from demo_data import make_demo_flowers
 from distributed import Distributed, ShardSampler, barrier, init_distributed, shut_down
 from download import FLOWERS_DIR, WEIGHTS_FILE
-from errors import ProjectError, UserError, WeightsError, WriteError, make_output_dir
+from errors import (
+    ProjectError,
+    UserError,
+    WeightsError,
+    WriteError,
+    make_output_dir,
+    writing,
+)
 from frozen_features import FrozenHeadTraining, plan_frozen_head
 from my_dataset import MyDataSet, build_transforms, unnormalize
 from utils import (
@@ -138,7 +147,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="fraction of each class held out for validation (default: "
                              "%(default)s)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
-                        help="seed of the split and the run (default: %(default)s)")
+                        help="seed of the split and the run, below 2**32 (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=None,
                         help="data loader processes (default: the cores this process may use, "
                              "shared among torchrun's processes, at most 16)")
@@ -286,6 +295,10 @@ class Setup:
 
 # Inputs larger than this are a typo (a ViT-B/16 at 4096 px has 65536 patches per image).
 MAX_IMG_SIZE = 4096
+# --seed is below this. torch.manual_seed takes up to 2**64 - 1, but the training sampler
+# seeds its generator with seed * 100_003 + epoch, which must stay below 2**64 too; a 32-bit
+# seed leaves room to spare (and is what NumPy's legacy seeding takes).
+SEED_LIMIT = 2**32
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -309,9 +322,41 @@ def check_args(args: argparse.Namespace) -> None:
         if in_the_way is not None:
             raise UserError(f"{flag} {folder}: {in_the_way} is a file, not a folder; pass "
                             f"another {flag}.")
+        # Where the folder, or the first folder made on the way to it, will be created.
+        nearest = next(p for p in (Path(folder), *Path(folder).parents) if p.exists())
+        if not os.access(nearest, os.W_OK | os.X_OK):
+            raise UserError(f"{flag} {folder}: {nearest} is read-only or not ours to write "
+                            f"in; pass another {flag}.")
         if data.is_dir() and Path(folder).resolve().is_relative_to(data):
             raise UserError(f"{flag} {folder} is inside --data-path {args.data_path}, where "
                             f"every folder is a class; pass a folder outside it.")
+    earlier_demo_run(args)  # refuses an --output-dir that holds another run
+
+
+def earlier_demo_run(args: argparse.Namespace) -> list[Path]:
+    """The checkpoints of an earlier --demo run in --output-dir, which this run replaces.
+
+    Any other run there is refused (UserError), unless this run continues it (--resume auto,
+    or --resume from a checkpoint in that folder): a new run would replace best.pth and its
+    own epochs' checkpoints and leave the rest, and a later --resume auto would continue the
+    old run. A demo run is the exception because it is a toy, remade in a minute: `python
+    train.py --demo` twice, or the demo and then a real run, both write into ./weights.
+    """
+    output_dir = Path(args.output_dir)
+    if args.resume == "auto" or (
+            args.resume and Path(args.resume).resolve().parent == output_dir.resolve()):
+        return []
+    found = run_files(output_dir)
+    if all(read_train_args(path).get("demo") is True for path in found):
+        return found
+    names = [path.name for path in found if path.name in (BEST_FILE, INTERRUPTED_FILE)]
+    epochs = epoch_checkpoints(output_dir)
+    if epochs:
+        first, last = epochs[0][1].name, epochs[-1][1].name
+        names.append(first if len(epochs) == 1 else f"{first} ... {last}")
+    raise UserError(f"--output-dir {output_dir} already holds a training run "
+                    f"({', '.join(names)}); continue it with --resume auto, or pass another "
+                    f"--output-dir to start a new one.")
 
 
 def range_problems(args: argparse.Namespace) -> list[str]:
@@ -352,6 +397,8 @@ def range_problems(args: argparse.Namespace) -> list[str]:
          f"--val-rate must be between 0 and 1, got {args.val_rate}."),
         (args.img_size is None or 1 <= args.img_size <= MAX_IMG_SIZE,
          f"--img-size must be between 1 and {MAX_IMG_SIZE} pixels, got {args.img_size}."),
+        (0 <= args.seed < SEED_LIMIT,
+         f"--seed must be in [0, 2**32), got {args.seed}."),
     ]
     return [message for ok, message in checks if not ok]
 
@@ -436,14 +483,27 @@ def claim_output_dir(args: argparse.Namespace, setup: Setup) -> Iterator[None]:
     except ProjectError:  # the log folder failed after the output folder was made
         leave_no_trace(created)
         raise
-    with lock_run_folder(args.output_dir):
-        for path in remove_temporary_files(args.output_dir):
-            setup.log(f"note: removed {path}, left by a write that was interrupted.")
-        try:
+    try:
+        with lock_run_folder(args.output_dir):
+            for path in remove_temporary_files(args.output_dir):
+                setup.log(f"note: removed {path}, left by a write that was interrupted.")
+            replace_demo_run(args, setup.log)
             yield
-        except (ProjectError, KeyboardInterrupt):
-            leave_no_trace(created)
-            raise
+    except (ProjectError, KeyboardInterrupt):
+        leave_no_trace(created)  # once the lock's file is gone with the lock
+        raise
+
+
+def replace_demo_run(args: argparse.Namespace, log=print) -> None:
+    """Delete the checkpoints of an earlier --demo run in the output folder (earlier_demo_run),
+    so that none of them is taken for this run's; asked again under the lock."""
+    found = earlier_demo_run(args)
+    for path in found:
+        with writing(path):
+            path.unlink()
+    if found:
+        log(f"note: replaced the earlier --demo run in {args.output_dir} (its {len(found)} "
+            f"checkpoints are deleted).")
 
 
 def leave_no_trace(created: list[Path]) -> None:
@@ -837,7 +897,9 @@ class RunOutputs:
         self.output_dir = Path(args.output_dir)
         self.keep = args.keep
         self.class_names = split.class_names
-        # claim_output_dir made the folder.
+        # This run's TensorBoard folder first: a refusal there leaves nothing written yet.
+        make_output_dir(log_dir, "--log-dir")
+        # claim_output_dir made the output folder.
         write_class_indices(split.class_names, self.output_dir / CLASS_INDICES_FILE)
         from torch.utils.tensorboard import SummaryWriter  # heavy; only when training
 
@@ -908,9 +970,18 @@ class RunOutputs:
         if is_best:
             paths.append(self.output_dir / BEST_FILE)
         with self.stop_on_failed_write():
-            self.saver.save(checkpoint, paths,
-                            after=lambda: prune_checkpoints(self.output_dir, self.keep))
+            self.saver.save(checkpoint, paths, after=self.epoch_saved)
         self.saver.run(self.writer.flush)
+
+    def epoch_saved(self) -> None:
+        """On the writer's thread, once an epoch checkpoint is on disk: --keep's pruning, and
+        interrupted.pth goes, its mid-epoch weights superseded by this newer checkpoint."""
+        prune_checkpoints(self.output_dir, self.keep)
+        self.remove_interrupted()
+
+    def remove_interrupted(self) -> None:
+        with contextlib.suppress(OSError):  # a stale file left is no reason to stop a run
+            (self.output_dir / INTERRUPTED_FILE).unlink(missing_ok=True)
 
     @contextlib.contextmanager
     def stop_on_failed_write(self) -> Iterator[None]:
@@ -972,15 +1043,18 @@ def run_epochs(args: argparse.Namespace, setup: Setup, split: Split, wrappers: W
             outputs.epoch_done(epoch, metrics, val_stats.confusion, checkpoint, is_best)
         if outputs is not None:
             outputs.finish()
+            outputs.remove_interrupted()  # also when a resumed run had no epoch left to train
     except KeyboardInterrupt:
         if outputs is not None:
             path = outputs.save_interrupted(make_checkpoint(
                 model, args.model_name, split.class_names, dict(vars(args)), epoch - 1, {},
                 interrupted_in_epoch=epoch))
             outputs.finish()
+            # A command that has --resume auto already (reproduce.py's) continues as it is.
+            again = ("run the same command again to continue" if args.resume == "auto" else
+                     "continue the run with the same command and --resume auto")
             print(f"\nInterrupted in epoch {epoch}. The weights at that moment are in {path}; "
-                  f"continue the run with the same command and --resume auto (from the last "
-                  f"complete epoch).", file=sys.stderr)
+                  f"{again} (from the last complete epoch).", file=sys.stderr)
         return 130
     finally:
         if outputs is not None:

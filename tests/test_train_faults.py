@@ -77,6 +77,7 @@ BAD_FLAGS = [
     ["--epochs", "0"], ["--batch-size", "0"], ["--accum-steps", "0"],
     ["--val-rate", "0"], ["--val-rate", "1"], ["--val-rate", "nan"],
     ["--keep", "0"], ["--keep", "-1"], ["--num-classes", "0"], ["--frozen-batch", "-1"],
+    ["--seed", "-1"], ["--seed", str(train.SEED_LIMIT)], ["--seed", "99999999999999999999999"],
 ]
 
 
@@ -85,6 +86,15 @@ def test_a_flag_out_of_range_stops_before_anything_is_written(data, tmp_path, ba
     code, _, err = run_cli(train.main, args_for(data, tmp_path, *bad))
     assert bad[0] in one_error_line(code, err)
     assert not (tmp_path / "out").exists() and not (tmp_path / "logs").exists()
+
+
+def test_the_largest_seed_trains(data, tmp_path):
+    # The sampler seeds torch's generator with seed * 100_003 + epoch, which must stay below
+    # 2**64: a seed of 2**63 - 1 passes torch.manual_seed but fails there, in the first epoch.
+    code, _, err = run_cli(train.main, args_for(data, tmp_path, "--seed",
+                                                str(train.SEED_LIMIT - 1)))
+    assert code == 0, err
+    assert load(tmp_path / "out" / "model-0.pth")["args"]["seed"] == train.SEED_LIMIT - 1
 
 
 @pytest.mark.parametrize("flag", ["--output-dir", "--log-dir"])
@@ -157,6 +167,44 @@ def test_an_unreadable_class_folder_is_one_line(data, tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "iterdir", no_permission)
     code, _, err = run_cli(train.main, args_for(data, tmp_path))
     assert str(data / "roses") in one_error_line(code, err)
+
+
+@pytest.fixture
+def read_only_folder(tmp_path: Path):
+    """An empty folder on a file system mounted read-only: even root cannot write in it."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
+                           capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"mounting a read-only tmpfs is not permitted here: {mount.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.mark.parametrize("flag", ["--output-dir", "--log-dir"])
+@pytest.mark.parametrize("below", [False, True])
+def test_a_read_only_output_folder_is_refused_before_anything_is_written(
+        data, tmp_path, read_only_folder, flag, below):
+    folder = read_only_folder / "sub" if below else read_only_folder
+    code, _, err = run_cli(train.main, [*args_for(data, tmp_path), flag, str(folder)])
+    line = one_error_line(code, err)
+    assert flag in line and str(read_only_folder) in line, line
+    assert not (tmp_path / "out").exists() and not (tmp_path / "logs").exists()
+
+
+def test_a_log_folder_that_fails_late_leaves_nothing_behind(data, tmp_path, read_only_folder,
+                                                            monkeypatch):
+    # The up-front check asks os.access, which can say yes to a folder that then refuses
+    # (ACLs, a server's rules): the run's own TensorBoard folder fails to be made.
+    monkeypatch.setattr(os, "access", lambda *args, **kwargs: True)
+    code, _, err = run_cli(train.main, [*args_for(data, tmp_path), "--log-dir",
+                                        str(read_only_folder)])
+    line = one_error_line(code, err, status=1)
+    assert f"Cannot write {read_only_folder}" in line and "Read-only" in line, line
+    assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------- best.pth

@@ -49,6 +49,47 @@ def test_resume_continues_the_schedule_and_files(demo_flowers, tmp_path):
     assert resumed["log_dir"] == load(part / "weights" / "model-0.pth")["log_dir"]
 
 
+def files_in(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("resume", [None, "from another folder"])
+def test_a_second_run_into_a_folder_holding_a_run_is_refused_before_writing(demo_flowers,
+                                                                             tmp_path, resume):
+    assert train.main(train_argv(demo_flowers, tmp_path, epochs=3, batch_size=30)) == 0
+    before = files_in(tmp_path)
+    extra = []
+    if resume:
+        other = tmp_path / "other"
+        assert train.main(train_argv(demo_flowers, other, batch_size=30)) == 0
+        extra, before = ["--resume", other / "weights" / "model-0.pth"], files_in(tmp_path)
+    # A shorter run would replace best.pth and model-0.pth and leave model-1 and model-2.
+    code, _, err = run_cli(train.main, train_argv(demo_flowers, tmp_path, *extra,
+                                                  batch_size=30))
+    line = one_error_line(code, err)
+    folder = tmp_path / "weights"
+    assert f"--output-dir {folder} already holds a training run" in line, line
+    assert "best.pth" in line and "model-0.pth ... model-2.pth" in line, line
+    assert "--resume auto" in line and "another --output-dir" in line, line
+    assert files_in(tmp_path) == before  # not even a TensorBoard folder or class_indices.json
+
+
+def test_an_earlier_demo_run_is_replaced_and_said_so(demo_flowers, tmp_path):
+    # `python train.py --demo` twice, or the demo and then a real run, into ./weights.
+    assert train.main(train_argv(demo_flowers, tmp_path, "--demo", epochs=2,
+                                 batch_size=30)) == 0
+    code, out, err = run_cli(train.main, train_argv(demo_flowers, tmp_path, batch_size=30))
+    assert code == 0, err
+    assert "replaced the earlier --demo run" in out
+    assert epochs_in(tmp_path / "weights") == [0]  # the demo's model-1.pth went with it
+    assert load(tmp_path / "weights" / "best.pth")["args"]["demo"] is False
+    # That run was no demo: a demo after it is refused like any other run.
+    code, _, err = run_cli(train.main, train_argv(demo_flowers, tmp_path, "--demo",
+                                                  batch_size=30))
+    assert "already holds a training run" in one_error_line(code, err)
+
+
 def test_resume_errors_are_one_line(demo_flowers, tmp_path, capsys):
     bogus = tmp_path / "bogus.pth"
     bogus.write_bytes(b"not a checkpoint")
@@ -64,27 +105,34 @@ def test_keep_prunes_old_epoch_checkpoints_but_not_best(demo_flowers, tmp_path):
     assert (tmp_path / "weights" / "best.pth").is_file()
 
 
-@pytest.mark.parametrize("when", ["after a good epoch", "in the first epoch"])
+@pytest.mark.parametrize("when", ["after a good epoch", "in a new run's first epoch",
+                                  "in a resumed run's first epoch"])
 def test_a_non_finite_loss_stops_with_status_1_naming_epoch_and_step_and_keeps_good_files(
         demo_flowers, tmp_path, when):
     out = tmp_path / "weights"
-    if when == "after a good epoch":
-        # Epoch 0 trains at lr 0.01; --lrf 1e30 makes epoch 1's lr about 5e27, which blows up.
-        argv, failing_epoch = train_argv(demo_flowers, tmp_path, epochs=2, lrf=1e30,
-                                         batch_size=25), 1  # few steps: NaN math is slow
-    else:
-        # An earlier run's files are in the folder; this run's first update blows the
-        # weights up, so the loss of its step 1 is no longer finite.
-        assert train.main(train_argv(demo_flowers, tmp_path)) == 0
+    # Epoch 0 trains at lr 0.01; --lrf 1e30 makes epoch 1's lr about 5e27, which blows up.
+    argv, failing_epoch = train_argv(demo_flowers, tmp_path, epochs=2, lrf=1e30,
+                                     batch_size=25), 1  # few steps: NaN math is slow
+    if when == "in a new run's first epoch":
+        # The run's first update blows the weights up, so the loss of its step 1 is not finite.
         argv, failing_epoch = train_argv(demo_flowers, tmp_path, epochs=2, lr=1e30,
-                                         batch_size=25), 0  # few steps: NaN math is slow
+                                         batch_size=25), 0
+    elif when == "in a resumed run's first epoch":
+        # The run above, stopped as in the first case, then resumed: it stops again in its
+        # first epoch, before it wrote anything.
+        assert run_cli(train.main, argv)[0] == 1
+        argv = [*argv, "--resume", "auto"]
         before = {p.name: p.read_bytes() for p in out.iterdir()}
     code, _, err = run_cli(train.main, argv)
     line = one_error_line(code, err, status=1)
     assert re.search(rf"NaN or infinite at epoch {failing_epoch}, step \d+;", line), line
 
     assert not (out / "model-1.pth").exists()
-    if when == "in the first epoch":  # nothing of the failed run was written
+    if when == "in a new run's first epoch":  # nothing to keep: no checkpoint was written
+        assert "step 1;" in line
+        assert not list(out.glob("*.pth"))
+        return
+    if when == "in a resumed run's first epoch":  # nothing of the failed run was written
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before
         assert "step 1;" in line
     for name in ("model-0.pth", "best.pth"):
@@ -142,3 +190,9 @@ def test_sigint_saves_and_exits_cleanly(demo_flowers, tmp_path):
     interrupted = load(tmp_path / "weights" / "interrupted.pth")
     assert interrupted["class_names"] and "model" in interrupted
     assert load(tmp_path / "weights" / "model-0.pth")["epoch"] == 0
+
+    # Resumed to the end (in larger batches), the run's newer checkpoints supersede the
+    # mid-epoch weights: interrupted.pth is gone, and no later look at the folder finds it.
+    assert train.main([*args, "--resume", "auto", "--batch-size", "25"]) == 0
+    assert epochs_in(tmp_path / "weights") == [0, 1, 2]
+    assert not (tmp_path / "weights" / "interrupted.pth").exists()
