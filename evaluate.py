@@ -36,7 +36,7 @@ from download import FLOWERS_DIR
 from errors import UserError, check_output_dir, make_output_dir, writing
 from predict import check_figure_path, load_classifier, predict_probs, resolve_weights
 from report import HTML_SUFFIXES, write_html_report
-from utils import DEFAULT_SEED, DEFAULT_VAL_RATE, read_split_data, select_device
+from utils import DEFAULT_SEED, DEFAULT_VAL_RATE, read_split_data, seed_problem, select_device
 from visualize import (
     confusion_matrix,
     misclassified_indices,
@@ -49,9 +49,6 @@ from visualize import (
 # What train.py uses when a checkpoint does not say.
 TRAIN_DEFAULTS = {"data_path": f"./{FLOWERS_DIR}", "seed": DEFAULT_SEED,
                   "val_rate": DEFAULT_VAL_RATE}
-# The seeds train.py accepts: torch.manual_seed takes -2**63 .. 2**64 - 1, but a negative
-# seed wraps onto a large one, and int64 leaves room for the seed plus an epoch.
-MAX_SEED = 2**63 - 1
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -65,7 +62,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="evaluate every image in the folder, not only the validation split")
     parser.add_argument("--output-dir", default="./evaluation", help="where the results go")
     parser.add_argument("--seed", type=int, default=None,
-                        help="seed of the split, 0 to 2**63 - 1 (default: the checkpoint's)")
+                        help="seed of the split, below 2**32 (default: the checkpoint's)")
     parser.add_argument("--val-rate", type=float, default=None,
                         help="validation fraction of the split (default: the checkpoint's)")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -162,8 +159,8 @@ def write_misclassified(result: Evaluation, path: Path) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1.")
-    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
-        raise UserError(f"--seed must be from 0 to {MAX_SEED}, not {args.seed}.")
+    if problem := seed_problem(args.seed):
+        raise UserError(problem)
     check_output_dir(args.output_dir, "--output-dir")  # made only once the inputs are good
     if args.html is not None:
         check_figure_path(args.html, "--html", HTML_SUFFIXES)

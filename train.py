@@ -62,6 +62,7 @@ from errors import (
     UserError,
     WeightsError,
     WriteError,
+    check_output_dir,
     make_output_dir,
     writing,
 )
@@ -77,6 +78,7 @@ from utils import (
     evaluate,
     lr_lambda,
     read_split_data,
+    seed_problem,
     select_device,
     train_one_epoch,
     write_class_indices,
@@ -295,10 +297,6 @@ class Setup:
 
 # Inputs larger than this are a typo (a ViT-B/16 at 4096 px has 65536 patches per image).
 MAX_IMG_SIZE = 4096
-# --seed is below this. torch.manual_seed takes up to 2**64 - 1, but the training sampler
-# seeds its generator with seed * 100_003 + epoch, which must stay below 2**64 too; a 32-bit
-# seed leaves room to spare (and is what NumPy's legacy seeding takes).
-SEED_LIMIT = 2**32
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -322,11 +320,7 @@ def check_args(args: argparse.Namespace) -> None:
         if in_the_way is not None:
             raise UserError(f"{flag} {folder}: {in_the_way} is a file, not a folder; pass "
                             f"another {flag}.")
-        # Where the folder, or the first folder made on the way to it, will be created.
-        nearest = next(p for p in (Path(folder), *Path(folder).parents) if p.exists())
-        if not os.access(nearest, os.W_OK | os.X_OK):
-            raise UserError(f"{flag} {folder}: {nearest} is read-only or not ours to write "
-                            f"in; pass another {flag}.")
+        check_output_dir(folder, flag)  # a read-only folder, or one that is not ours
         if data.is_dir() and Path(folder).resolve().is_relative_to(data):
             raise UserError(f"{flag} {folder} is inside --data-path {args.data_path}, where "
                             f"every folder is a class; pass a folder outside it.")
@@ -397,8 +391,7 @@ def range_problems(args: argparse.Namespace) -> list[str]:
          f"--val-rate must be between 0 and 1, got {args.val_rate}."),
         (args.img_size is None or 1 <= args.img_size <= MAX_IMG_SIZE,
          f"--img-size must be between 1 and {MAX_IMG_SIZE} pixels, got {args.img_size}."),
-        (0 <= args.seed < SEED_LIMIT,
-         f"--seed must be in [0, 2**32), got {args.seed}."),
+        (seed_problem(args.seed) is None, seed_problem(args.seed)),
     ]
     return [message for ok, message in checks if not ok]
 

@@ -35,6 +35,17 @@ from my_dataset import IMG_EXTENSIONS_HINT, check_image, is_image_file
 # The reproduced split: random.seed(0), a fifth of each class for validation.
 DEFAULT_VAL_RATE = 0.2
 DEFAULT_SEED = 0
+# Seeds are below this. torch.manual_seed takes up to 2**64 - 1, but train.py's sampler seeds
+# its generator with seed * 100_003 + epoch, which must stay below 2**64 too; a 32-bit seed
+# leaves room to spare (and is what NumPy's legacy seeding takes).
+SEED_LIMIT = 2**32
+
+
+def seed_problem(seed: int | None) -> str | None:
+    """--seed's range check, the same in every command that splits the data."""
+    if seed is None or 0 <= seed < SEED_LIMIT:
+        return None
+    return f"--seed must be in [0, 2**32), got {seed}."
 
 
 @dataclass

@@ -18,6 +18,7 @@ from conftest import ROOT, load, one_error_line, run_cli, train_argv
 
 import train
 from checkpoints import BEST_FILE, LOCK_FILE
+from utils import SEED_LIMIT
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,7 @@ BAD_FLAGS = [
     ["--epochs", "0"], ["--batch-size", "0"], ["--accum-steps", "0"],
     ["--val-rate", "0"], ["--val-rate", "1"], ["--val-rate", "nan"],
     ["--keep", "0"], ["--keep", "-1"], ["--num-classes", "0"], ["--frozen-batch", "-1"],
-    ["--seed", "-1"], ["--seed", str(train.SEED_LIMIT)], ["--seed", "99999999999999999999999"],
+    ["--seed", "-1"], ["--seed", str(SEED_LIMIT)], ["--seed", "99999999999999999999999"],
 ]
 
 
@@ -92,9 +93,9 @@ def test_the_largest_seed_trains(data, tmp_path):
     # The sampler seeds torch's generator with seed * 100_003 + epoch, which must stay below
     # 2**64: a seed of 2**63 - 1 passes torch.manual_seed but fails there, in the first epoch.
     code, _, err = run_cli(train.main, args_for(data, tmp_path, "--seed",
-                                                str(train.SEED_LIMIT - 1)))
+                                                str(SEED_LIMIT - 1)))
     assert code == 0, err
-    assert load(tmp_path / "out" / "model-0.pth")["args"]["seed"] == train.SEED_LIMIT - 1
+    assert load(tmp_path / "out" / "model-0.pth")["args"]["seed"] == SEED_LIMIT - 1
 
 
 @pytest.mark.parametrize("flag", ["--output-dir", "--log-dir"])
@@ -197,13 +198,14 @@ def test_a_read_only_output_folder_is_refused_before_anything_is_written(
 
 def test_a_log_folder_that_fails_late_leaves_nothing_behind(data, tmp_path, read_only_folder,
                                                             monkeypatch):
-    # The up-front check asks os.access, which can say yes to a folder that then refuses
-    # (ACLs, a server's rules): the run's own TensorBoard folder fails to be made.
-    monkeypatch.setattr(os, "access", lambda *args, **kwargs: True)
+    # A folder that passes the up-front check and then refuses (a server's rules, a disk that
+    # fills meanwhile): the run's own TensorBoard folder fails to be made.
+    monkeypatch.setattr(train, "check_output_dir", lambda folder, flag: Path(folder))
     code, _, err = run_cli(train.main, [*args_for(data, tmp_path), "--log-dir",
                                         str(read_only_folder)])
-    line = one_error_line(code, err, status=1)
-    assert f"Cannot write {read_only_folder}" in line and "Read-only" in line, line
+    # make_output_dir probes the folder again before making the run's own folder in it.
+    line = one_error_line(code, err)
+    assert f"no file can be created in {read_only_folder}" in line and "Read-only" in line, line
     assert not (tmp_path / "out").exists()
 
 
