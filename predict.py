@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -179,6 +180,9 @@ def image_loader(model: VisionTransformer, paths: list[Path], batch_size: int = 
     """Batches of images with the report's evaluation transform (Resize, CenterCrop)."""
     if workers is None:
         workers = 0 if len(paths) <= batch_size else min(4, os.cpu_count() or 1)
+    # One process per batch at most: more would only start and wait (--workers 100000 ran
+    # the machine out of memory).
+    workers = min(workers, math.ceil(len(paths) / batch_size))
     # A photo is shown upright by its EXIF orientation; the model sees it the same way.
     dataset = MyDataSet(paths, [0] * len(paths),
                         build_transforms(model.image_size, train=False), exif_transpose=True)

@@ -634,6 +634,8 @@ def build_loaders(args: argparse.Namespace, split: Split, model: VisionTransform
                   setup: Setup):
     """The training and validation batches, at the model's input size."""
     workers = default_workers(setup.dist_info) if args.workers is None else args.workers
+    # One process per training batch at most: more would only start and wait.
+    workers = min(workers, math.ceil(len(split.train_images) / args.batch_size))
     setup.log(f"Using {workers} dataloader workers every process")
     return build_dataloaders(split, args, model.image_size, workers, setup.device,
                              setup.dist_info, setup.log)

@@ -711,3 +711,14 @@ def test_a_figure_in_a_folder_that_refuses_files_is_refused_before_the_work(
     assert line.startswith(f"error: {flag} {target}: no file can be created in "
                            f"{unwritable_folder} ("), line
     assert out == ""
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # asked for
+def test_loader_workers_are_capped_at_one_per_batch(tmp_path):
+    # predict.py --workers 100000 used to start that many processes and run out of memory.
+    paths = [tmp_path / f"{k}.png" for k in range(5)]
+    for path in paths:
+        Image.new("RGB", (8, 8)).save(path)
+    model = create_model("vit_demo_patch8_64", num_classes=5)
+    assert predict.image_loader(model, paths, batch_size=2, workers=100000).num_workers == 3
+    assert predict.image_loader(model, paths, batch_size=2, workers=1).num_workers == 1

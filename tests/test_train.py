@@ -720,3 +720,17 @@ def test_when_train_py_decodes_the_images_once_on_the_device(demo_split, flags, 
     assert isinstance(train_loader, DeviceTrainLoader) is device_data
     assert isinstance(val_loader, DeviceEvalLoader) is device_data
     assert isinstance(train_loader, DataLoader) is not device_data
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # asked for
+def test_loader_workers_are_capped_at_one_per_training_batch(demo_flowers):
+    # --workers 100000 used to start that many processes and run the machine out of memory.
+    args = train.get_args_parser().parse_args(["--data-path", str(demo_flowers), "--workers",
+                                               "100000", "--batch-size", "8", "--device", "cpu"])
+    split = read_split_data(demo_flowers)  # 50 training images: 7 batches of 8
+    notes = []
+    setup = train.Setup(torch.device("cpu"), Distributed(world_size=1), notes.append)
+    model = create_model("vit_demo_patch8_64", num_classes=5)
+    train_loader, _ = train.build_loaders(args, split, model, setup)
+    assert train_loader.num_workers == 7
+    assert "Using 7 dataloader workers every process" in notes
