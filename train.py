@@ -34,6 +34,7 @@ from checkpoints import (
     BEST_FILE,
     CLASS_INDICES_FILE,
     DEFAULT_OUTPUT_DIR,
+    EPOCH_FILES,
     INTERRUPTED_FILE,
     Checkpoint,
     CheckpointWriter,
@@ -520,6 +521,9 @@ def read_resume(args: argparse.Namespace, log=print) -> Checkpoint | None:
             return None
     else:
         path = Path(args.resume)
+        if path.is_dir():
+            raise UserError(f"--resume {path} is a folder; pass one of its {EPOCH_FILES}, or "
+                            f"--resume auto --output-dir {path}.")
         if not path.is_file():
             raise UserError(f"--resume {path}: no such checkpoint.")
         checkpoint = load_resumable(path)

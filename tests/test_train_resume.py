@@ -97,6 +97,11 @@ def test_resume_errors_are_one_line(demo_flowers, tmp_path, capsys):
     assert "cannot be read" in capsys.readouterr().err
     assert train.main(train_argv(demo_flowers, tmp_path, resume=tmp_path / "no")) == 2
     assert "no such checkpoint" in capsys.readouterr().err
+    folder = tmp_path / "a_run"
+    folder.mkdir()
+    assert train.main(train_argv(demo_flowers, tmp_path, resume=folder)) == 2
+    assert capsys.readouterr().err == (f"error: --resume {folder} is a folder; pass one of its "
+                                       f"model-*.pth, or --resume auto --output-dir {folder}.\n")
 
 
 def test_keep_prunes_old_epoch_checkpoints_but_not_best(demo_flowers, tmp_path):
