@@ -262,6 +262,9 @@ def run_all(args: argparse.Namespace, extra: list[str], command: str) -> int:
         pretrained = str(pretrain_dir / BEST_FILE)
     else:
         args.data_path = args.data_path or f"./{FLOWERS_DIR}"
+        if Path(args.data_path).exists() and not Path(args.data_path).is_dir():
+            raise UserError(f"--data-path {args.data_path} is a file; pass the folder of class "
+                            f"folders (python download.py flowers makes ./{FLOWERS_DIR}).")
         if not Path(args.data_path).is_dir():
             raise UserError(f"Data folder {args.data_path} does not exist: python download.py "
                             f"flowers, or pass --data-path (or --quick for synthetic data).")

@@ -89,6 +89,15 @@ def test_full_mode_without_weights_exits_2(quick_run, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_full_mode_with_a_file_as_data_path_says_it_is_a_file(tmp_path, capsys):
+    data = tmp_path / "flower_photos.tgz"
+    data.write_bytes(b"an archive, not yet extracted")
+    rc = reproduce.main(["--out", str(tmp_path / "out"), "--data-path", str(data)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"error: --data-path {data} is a file;"), err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("scale", ["nan", "inf", "0", "-1", "1e308"])
 def test_epochs_scale_must_be_a_positive_number(tmp_path, capsys, scale):
     # --data-path in tmp_path: a scale let through would write the demo data there, not in ./
