@@ -53,6 +53,7 @@ import math
 import os
 import platform
 import random
+import signal
 import statistics
 import sys
 import tempfile
@@ -650,6 +651,8 @@ def run_train_py(args: argparse.Namespace, device: torch.device, root: Path, fro
                 status = train.main(argv)
             except SystemExit as exit_:  # argparse rejecting a flag exits
                 status = exit_.code if isinstance(exit_.code, int) else 1
+        if status == 130:  # Ctrl-C, which train.py turned into its exit status: stop here too
+            raise KeyboardInterrupt
         sync(device)
         seconds = time.perf_counter() - start
         last = newest_epoch_checkpoint(Path(tmp) / "weights")
@@ -1277,5 +1280,20 @@ def main(argv: list[str] | None = None) -> int:
     return run_main(functools.partial(run, argv=argv), args)
 
 
+class Terminated(BaseException):
+    """SIGTERM (what `timeout` sends): not an Exception, so no run's error handling keeps
+    the benchmark going; the temporary folders are removed on the way out."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    signal.signal(signal.SIGTERM, _terminated)
+    try:
+        status = main()
+    except Terminated:
+        print("\nTerminated; the JSON holds every run that ended.", file=sys.stderr)
+        status = 128 + signal.SIGTERM
+    raise SystemExit(status)

@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 
 import benchmark
 import train
@@ -170,9 +174,15 @@ def test_a_spent_time_budget_starts_no_run_and_names_each_one(tmp_path, capsys):
     assert not (tmp_path / "bench.train.log").read_text()  # train.py never ran
 
 
-def test_an_interrupted_benchmark_keeps_the_runs_it_finished(tmp_path, monkeypatch, capsys):
-    def interrupted(argv):  # Ctrl-C during the second run (train.py's)
-        raise KeyboardInterrupt
+@pytest.mark.parametrize("train_py_says", ["KeyboardInterrupt", "exit status 130"])
+def test_an_interrupted_benchmark_keeps_the_runs_it_finished(tmp_path, monkeypatch, capsys,
+                                                             train_py_says):
+    # Ctrl-C during the second run (train.py's): train.main answers it with status 130, or it
+    # lands in the benchmark's own lines around the call.
+    def interrupted(argv):
+        if train_py_says == "KeyboardInterrupt":
+            raise KeyboardInterrupt
+        return 130
 
     monkeypatch.setattr(train, "main", interrupted)
     out = tmp_path / "bench.json"
@@ -211,3 +221,27 @@ def test_out_of_range_flags_stop_before_anything_is_written(tmp_path, capsys, fl
     ("NVIDIA L4", None)])
 def test_mfu_uses_a_known_peak_only_for_the_card_it_was_measured_on(gpu_name, peak):
     assert benchmark.known_bf16_peak(gpu_name) == peak
+
+
+def test_a_benchmark_ended_by_timeout_removes_its_temporary_stand_in(tmp_path):
+    # `timeout` sends SIGTERM: the temporary stand-in (94 MB at full scale) must not stay.
+    process = subprocess.Popen(
+        [sys.executable, "benchmark.py", *TINY_E2E, "--e2e-epochs", "50",
+         "--json", str(tmp_path / "bench.json")],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in process.stdout:
+            if line.startswith("Stand-in:"):
+                standin = Path(line.split(" in ")[1].split(",")[0])
+                break
+        assert standin.is_dir()
+        for line in process.stdout:
+            if "frozen, batch 32: train.py ..." in line:  # inside a whole run
+                break
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        process.kill()
+    assert not standin.exists()
+    assert [r["pipeline"] for r in json.loads((tmp_path / "bench.json").read_text())["e2e"]] \
+        == ["reference: ImageFolder + timm"]  # the run that ended is kept
