@@ -70,7 +70,7 @@ from PIL import Image
 from torch import nn
 
 from checkpoints import atomic_write_bytes, newest_epoch_checkpoint, peek_checkpoint
-from cli import run_main
+from cli import INTERRUPTED_STATUS, run_main
 from demo_data import draw_image
 from download import FLOWER_CLASS_COUNTS
 from errors import UserError, check_output_file, writing
@@ -651,7 +651,7 @@ def run_train_py(args: argparse.Namespace, device: torch.device, root: Path, fro
                 status = train.main(argv)
             except SystemExit as exit_:  # argparse rejecting a flag exits
                 status = exit_.code if isinstance(exit_.code, int) else 1
-        if status == 130:  # Ctrl-C, which train.py turned into its exit status: stop here too
+        if status == INTERRUPTED_STATUS:  # Ctrl-C, which train.py answered: stop here too
             raise KeyboardInterrupt
         sync(device)
         seconds = time.perf_counter() - start
@@ -1044,6 +1044,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "model): wall vs GPU busy, eager and as a CUDA graph")
     parser.add_argument("--data", action="store_true", help="the data pipeline section")
     parser.add_argument("--img-size", type=int, default=224, help="image size of --data")
+    add_whole_run_flags(parser)
+    add_data_and_output_flags(parser)
+    return parser
+
+
+def add_whole_run_flags(parser: argparse.ArgumentParser) -> None:
+    """The e2e, cache, memory and backbone sections' flags."""
     parser.add_argument("--e2e", action="store_true", help="the whole-run section")
     parser.add_argument("--e2e-model", default="vit_base_patch16_224", choices=list_models(),
                         metavar="NAME", help="model of the e2e runs (timm's for the reference)")
@@ -1084,6 +1091,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "H200 and A100 at bf16; else MFU is left out)")
     parser.add_argument("--e2e-projection", action="store_true",
                         help="also run device_data's loaders + our model in the benchmark's loop")
+
+
+def add_data_and_output_flags(parser: argparse.ArgumentParser) -> None:
+    """The loaders' workers, the stand-in, the time budget and the files written."""
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
                         help="DataLoader workers of --data and --e2e")
     parser.add_argument("--standin", default=None,
@@ -1098,7 +1109,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-log", default=None,
                         help="train.py's output from --e2e and --e2e-cache (default: next to "
                              "--json, else a temporary file)")
-    return parser
 
 
 def range_problems(args: argparse.Namespace) -> list[str]:
@@ -1172,7 +1182,8 @@ def prepare_standin(args: argparse.Namespace, stack: contextlib.ExitStack, resul
     return root
 
 
-def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+def checked_device(args: argparse.Namespace) -> torch.device:
+    """The device to measure on, once every flag is known to be in range."""
     problems = range_problems(args)
     if problems:
         raise UserError(problems[0])
@@ -1183,6 +1194,11 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
                         "cpu.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but CUDA is not available; pass --device cpu.")
+    return device
+
+
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    device = checked_device(args)
     fill_defaults(args, device)
     dtype = {"bf16": torch.bfloat16, "fp32": None}[args.dtype]
     json_path = output_file(args.json, "--json")
@@ -1250,16 +1266,24 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
                       f"speed-up = the per-batch run's seconds / these):", flush=True)
                 section("cache", lambda: cache_section(args, device, dtype, root, log, notes,
                                                        progress))
+    return finish(args, progress, failed)
+
+
+def finish(args: argparse.Namespace, progress: Progress, failed: bool) -> int:
+    """The notes (each once, the runs --time-budget left out among them), the last save, and
+    the exit status: 1 if a section or a whole run failed."""
+    results = progress.results
     if progress.not_started:
         results["not_started"] = progress.not_started
-        notes.append(f"--time-budget {args.time_budget:g} s ran out before "
-                     f"{len(progress.not_started)} runs: {'; '.join(progress.not_started)}.")
-    results["notes"] = notes = list(dict.fromkeys(notes))  # each once
-    for note in notes:
+        results["notes"].append(
+            f"--time-budget {args.time_budget:g} s ran out before {len(progress.not_started)} "
+            f"runs: {'; '.join(progress.not_started)}.")
+    results["notes"] = list(dict.fromkeys(results["notes"]))
+    for note in results["notes"]:
         print(f"note: {note}")
     progress.save()
-    if json_path:
-        print(f"Results written to {json_path}")
+    if progress.json_path:
+        print(f"Results written to {progress.json_path}")
     failed = failed or not all(r.get("ok", True)
                                for r in results.get("e2e", []) + results.get("cache", []))
     return 1 if failed else 0

@@ -11,11 +11,14 @@ from collections.abc import Callable
 from errors import ProjectError
 
 DEFAULT_MODEL = "vit_base_patch16_224_in21k"
+# The exit status after Ctrl-C (128 + SIGINT, as a shell reports it); train.main returns it,
+# and the scripts that call train.main in-process stop on it.
+INTERRUPTED_STATUS = 130
 
 
 def _interrupted_while_importing(signum: int, frame: object) -> None:
     print("\nInterrupted.", file=sys.stderr)
-    raise SystemExit(130)
+    raise SystemExit(INTERRUPTED_STATUS)
 
 
 def quiet_ctrl_c_while_importing() -> None:
@@ -43,7 +46,7 @@ def run_main(run: Callable[[argparse.Namespace], int], args: argparse.Namespace)
         return err.exit_code
     except KeyboardInterrupt:
         print("\nInterrupted.", file=sys.stderr)
-        return 130
+        return INTERRUPTED_STATUS
     except BrokenPipeError:
         # The reader went away (`| head`): stop quietly, as Unix tools do, with the status of
         # a process ended by SIGPIPE; what is left to print goes to /dev/null.

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import train
 from checkpoints import BEST_FILE, DEFAULT_OUTPUT_DIR, epoch_file, read_progress
-from cli import run_main
+from cli import INTERRUPTED_STATUS, run_main
 from demo_data import make_demo_flowers
 from download import FLOWERS_DIR
 from errors import ProjectError, UserError, check_output_file, writing
@@ -158,7 +158,7 @@ def train_once(label: str, argv: list[str]) -> Path:
     print(f"{label}: python train.py {' '.join(repr(a) if not a else a for a in argv)}",
           flush=True)
     rc = train.main(argv)
-    if rc == 130:  # Ctrl-C, which train.py turned into its exit status
+    if rc == INTERRUPTED_STATUS:  # Ctrl-C, which train.py turned into its exit status
         raise KeyboardInterrupt
     if rc != 0:
         raise RunFailed(f"{label} failed (train.py exit status {rc}); its messages are above.",
@@ -303,7 +303,7 @@ def run(args: argparse.Namespace, extra: list[str], command: str) -> int:
         # The finished runs are skipped and the interrupted one resumes (--resume auto).
         print("\nInterrupted; run the same reproduce.py command again to resume.",
               file=sys.stderr)
-        return 130
+        return INTERRUPTED_STATUS
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,7 +53,7 @@ from checkpoints import (
     save_checkpoint,
     training_state,
 )
-from cli import add_device_flag, add_model_name_flag, run_main
+from cli import INTERRUPTED_STATUS, add_device_flag, add_model_name_flag, run_main
 from cuda_graphs import CudaGraphModel, use_cuda_graphs
 from demo_data import make_demo_flowers
 from distributed import Distributed, ShardSampler, barrier, init_distributed, shut_down
@@ -1054,7 +1054,7 @@ def run_epochs(args: argparse.Namespace, setup: Setup, split: Split, wrappers: W
                      "continue the run with the same command and --resume auto")
             print(f"\nInterrupted in epoch {epoch}. The weights at that moment are in {path}; "
                   f"{again} (from the last complete epoch).", file=sys.stderr)
-        return 130
+        return INTERRUPTED_STATUS
     finally:
         if outputs is not None:
             outputs.close()
