@@ -74,26 +74,36 @@ class ShardSampler(torch.utils.data.Sampler):
     Unlike DistributedSampler it never pads with repeated samples, so the sample
     counts (and validation metrics) equal a one-process run's; DDP's join()
     absorbs the one-batch difference between ranks that this can leave.
+
+    With sample_seeds it yields (index, seed) pairs for my_dataset.SeededSamples: each
+    sample's random transforms then depend on (seed, epoch, index) only, not on which
+    loader process made it, so any --workers and a resumed run draw the same crops.
     """
 
     def __init__(self, num_samples: int, shuffle: bool, seed: int = 0,
-                 dist_info: Distributed | None = None) -> None:
+                 dist_info: Distributed | None = None, sample_seeds: bool = False) -> None:
         self.num_samples = num_samples
         self.shuffle = shuffle
         self.seed = seed
         self.dist_info = dist_info or Distributed()
+        self.sample_seeds = sample_seeds
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _indices(self) -> list[int]:
+    def _indices(self) -> list:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(self.num_samples, generator=generator).tolist()
         else:
             order = list(range(self.num_samples))
-        return order[self.dist_info.rank::self.dist_info.world_size]
+        mine = order[self.dist_info.rank::self.dist_info.world_size]
+        if not self.sample_seeds:
+            return mine
+        # One seed per sample index (not per position), so every rank count agrees.
+        seeds = torch.randint(2**63 - 1, (self.num_samples,), generator=generator).tolist()
+        return [(index, seeds[index]) for index in mine]
 
     def __iter__(self):
         return iter(self._indices())

@@ -144,3 +144,25 @@ class MyDataSet(Dataset):
         """
         images, labels = zip(*batch, strict=True)
         return torch.stack(images), torch.as_tensor(labels, dtype=torch.int64)
+
+
+class SeededSamples(Dataset):
+    """dataset[(index, seed)]: sample `index`, its random transforms drawn from `seed`.
+
+    torchvision's transforms draw from torch's global generator, which each loader worker
+    keeps for the whole run and no checkpoint holds. Seeding it per sample (the seeds come
+    from distributed.ShardSampler(sample_seeds=True)) makes a sample's crop and flip the same
+    whatever --workers is and in a resumed run. The caller's own generator state is kept.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)  # the CPU's only: CUDA's is the model's
+            return self.dataset[index]

@@ -68,7 +68,7 @@ from errors import (
     writing,
 )
 from frozen_features import FrozenHeadTraining, plan_frozen_head
-from my_dataset import MyDataSet, build_transforms, unnormalize
+from my_dataset import MyDataSet, SeededSamples, build_transforms, unnormalize
 from utils import (
     DEFAULT_SEED,
     DEFAULT_VAL_RATE,
@@ -680,7 +680,10 @@ def build_dataloaders(split: Split, args: argparse.Namespace, img_size: int, wor
                         exif_transpose=args.exif_transpose)
     common = dict(num_workers=workers, pin_memory=device.type == "cuda",
                   persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
-    train_sampler = ShardSampler(len(train_set), shuffle=True, seed=args.seed, dist_info=dist_info)
+    if args.augment:
+        train_set = SeededSamples(train_set)  # the same crops whatever --workers, and resumed
+    train_sampler = ShardSampler(len(train_set), shuffle=True, seed=args.seed, dist_info=dist_info,
+                                 sample_seeds=args.augment)
     val_sampler = ShardSampler(len(val_set), shuffle=False, dist_info=dist_info)
     return (DataLoader(train_set, batch_size=args.batch_size, sampler=train_sampler, **common),
             DataLoader(val_set, batch_size=args.val_batch_size or 2 * args.batch_size,

@@ -550,8 +550,9 @@ def test_train_loaders_turn_phone_photos_only_with_exif_transpose(tmp_path, flag
     assert ("note: --exif-transpose uses the CPU DataLoader; --device-data is off." in notes
             ) == turned
     if turned:
-        for loader in loaders:
-            assert loader.dataset.exif_transpose is True
+        training, validation = loaders
+        assert training.dataset.dataset.exif_transpose is True  # inside SeededSamples
+        assert validation.dataset.exif_transpose is True
         # The validation crop (resized to 48x32 then 36 high, centre 32x32) of the upright
         # picture: its red third begins at the left edge; blue fills the right.
         assert upright.size == (48, 32)

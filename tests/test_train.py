@@ -417,14 +417,14 @@ def test_amp_run_trains_and_saves_float32_weights(tmp_path):
 def test_torchrun_two_processes_match_one_process_of_their_combined_batch(demo_flowers,
                                                                           tmp_path):
     # Two ranks of 8 average their gradients over the same 16 images a single process of 16
-    # sees in one batch (the shards interleave one order); --no-augment: no random crops,
-    # which each rank would draw from its own generator.
+    # sees in one batch (the shards interleave one order), with the same random crops: each
+    # image's are drawn from a seed of its own, not from the rank's generator.
     single, double = tmp_path / "single", tmp_path / "double"
-    assert train.main(train_argv(demo_flowers, single, "--no-augment", batch_size=16)) == 0
+    assert train.main(train_argv(demo_flowers, single, batch_size=16)) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(ROOT / "train.py"), *train_argv(demo_flowers, double, "--no-augment", batch_size=8)],
+         str(ROOT / "train.py"), *train_argv(demo_flowers, double, batch_size=8)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("images were found in the dataset.") == 1  # rank 0 only
@@ -584,8 +584,10 @@ def test_no_augment_trains_on_the_evaluation_transform(demo_split):
     torch.manual_seed(0)
     assert torch.equal(plain.dataset[0][0], evaluation(image))
     assert torch.equal(plain.dataset[0][0], plain.dataset[0][0])
-    draws = [augmented.dataset[0][0] for _ in range(3)]
+    # The training set takes (index, seed) keys: the crop is random, and the seed's.
+    draws = [augmented.dataset[(0, seed)][0] for seed in (1, 2, 3)]
     assert not all(torch.equal(draws[0], d) for d in draws[1:])  # random crops: they differ
+    assert torch.equal(augmented.dataset[(0, 1)][0], draws[0])
 
 
 def test_val_batch_size_sets_the_validation_batch_and_defaults_to_twice_the_training_batch(

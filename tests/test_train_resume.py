@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, load, one_error_line, run_cli, train_argv
+from conftest import (
+    ROOT,
+    assert_same_training,
+    epoch_checkpoints,
+    load,
+    one_error_line,
+    run_cli,
+    train_argv,
+)
 
 import train
 
@@ -47,6 +55,18 @@ def test_resume_continues_the_schedule_and_files(demo_flowers, tmp_path):
     assert resumed["metrics"]["train_loss"] == pytest.approx(whole["metrics"]["train_loss"],
                                                             rel=1e-4)
     assert resumed["log_dir"] == load(part / "weights" / "model-0.pth")["log_dir"]
+
+
+def test_with_loader_workers_a_resumed_run_is_the_uninterrupted_run(demo_flowers, tmp_path):
+    # Each image's random crop and flip come from a seed of its own (run seed, epoch, index),
+    # not from the loader processes' generators, which no checkpoint holds: epoch 2 resumed
+    # with two workers trains on what the uninterrupted run without workers trained on.
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert train.main(train_argv(demo_flowers, full, epochs=3, workers=0)) == 0
+    shutil.copytree(full, part)
+    (part / "weights" / "model-2.pth").unlink()
+    assert train.main(train_argv(demo_flowers, part, epochs=3, workers=2, resume="auto")) == 0
+    assert_same_training(epoch_checkpoints(full, 3), epoch_checkpoints(part, 3), atol=1e-6)
 
 
 def files_in(folder: Path) -> dict[str, bytes]:
