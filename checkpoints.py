@@ -18,6 +18,7 @@ import contextlib
 import os
 import random
 import shutil
+import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
@@ -247,6 +248,22 @@ class CheckpointWriter:
 UNREADABLE_TORCH_FILE = (Exception,)
 
 
+def is_torchscript(names: list[str]) -> bool:
+    """Whether a zip's member names are torch.jit.save's (export.py's output, which torch.load
+    refuses): beside torch.save's data.pkl and data/, an archive/constants.pkl and the
+    model's Python code under archive/code/."""
+    inside = [name.partition("/")[2] for name in names]  # below the archive's one folder
+    return "constants.pkl" in inside or any(name.startswith("code/") for name in inside)
+
+
+def is_torchscript_file(path: str | Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return is_torchscript(archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def peek_checkpoint(path: str | Path) -> Checkpoint | None:
     """The checkpoint in a file, or None for a file that is not one (or cannot be read).
 
@@ -276,6 +293,9 @@ def read_train_args(path: str | Path) -> dict:
 
 def load_resumable(path: Path) -> Checkpoint:
     """An epoch checkpoint to continue training from, read whole onto the CPU."""
+    if is_torchscript_file(path):  # which torch.load would refuse with a warning
+        raise UserError(f"--resume {path} is a TorchScript export, which holds no training "
+                        f"state; pass the run's newest {EPOCH_FILES}.")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except UNREADABLE_TORCH_FILE as err:  # a truncated file, or not a checkpoint at all

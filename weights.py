@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoints import UNREADABLE_TORCH_FILE, Checkpoint, is_project_checkpoint
+from checkpoints import UNREADABLE_TORCH_FILE, Checkpoint, is_project_checkpoint, is_torchscript
 from errors import UserError, WeightsError
 from vit_model import MODEL_ARG_NAMES, VisionTransformer, create_model, list_models
 
@@ -134,7 +134,7 @@ def _sniff(path: Path) -> str:
             raise _damaged(path, "zip archive (a .pth or .npz)") from None
         if names and all(name.endswith(".npy") for name in names):
             return "npz"
-        if _is_torchscript(names):  # export.py's output, which torch.load refuses
+        if is_torchscript(names):
             raise WeightsError(f"{path} is a TorchScript export of a model, which the commands "
                                f"do not read as weights; pass the checkpoint (.pth) it was "
                                f"exported from.")
@@ -149,13 +149,6 @@ def _sniff(path: Path) -> str:
         raise _damaged(path, f"{kinds[path.suffix]} file")
     raise WeightsError(f"{path} is not a weights file this program reads (PyTorch .pth/.bin, "
                        f".safetensors, Google .npz, or a Hugging Face folder).")
-
-
-def _is_torchscript(names: list[str]) -> bool:
-    """Whether a zip's member names are torch.jit.save's: beside torch.save's data.pkl and
-    data/, an archive/constants.pkl and the model's Python code under archive/code/."""
-    inside = [name.partition("/")[2] for name in names]  # below the archive's one folder
-    return "constants.pkl" in inside or any(name.startswith("code/") for name in inside)
 
 
 def _damaged(path: Path, what: str, detail: str = "") -> WeightsError:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,14 @@ def test_resume_errors_are_one_line(demo_flowers, tmp_path, capsys):
     assert "cannot be read" in capsys.readouterr().err
     assert train.main(train_argv(demo_flowers, tmp_path, resume=tmp_path / "no")) == 2
     assert "no such checkpoint" in capsys.readouterr().err
+    exported = tmp_path / "vit.pt"  # what export.py writes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notices
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(exported))
+    assert train.main(train_argv(demo_flowers, tmp_path, resume=exported)) == 2
+    assert capsys.readouterr().err == (f"error: --resume {exported} is a TorchScript export, "
+                                       f"which holds no training state; pass the run's newest "
+                                       f"model-*.pth.\n")
     folder = tmp_path / "a_run"
     folder.mkdir()
     assert train.main(train_argv(demo_flowers, tmp_path, resume=folder)) == 2
