@@ -26,8 +26,8 @@ import tempfile
 import urllib.error
 import urllib.request
 import uuid
-import zipfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
@@ -108,9 +108,16 @@ def _fetch(url: str, out: BinaryIO, progress: bool, desc: str) -> tuple[int, int
 
 
 def download_file(
-    url: str, dst: Path, hash_prefix: str | None = None, progress: bool = True
+    url: str,
+    dst: Path,
+    hash_prefix: str | None = None,
+    progress: bool = True,
+    check: Callable[[Path], None] | None = None,
 ) -> Path:
     """Download ``url`` to ``dst``, checking its length and, when given, its sha256 prefix.
+
+    ``check``, when given, is called on the downloaded file before it takes ``dst``'s name and
+    raises DownloadError for content that is not what was asked for.
 
     The bytes go to a temporary file in ``dst``'s folder that is renamed to ``dst`` only once
     complete and verified; on failure it is removed and an existing ``dst`` is left untouched.
@@ -134,6 +141,8 @@ def download_file(
                 f"{hash_prefix}..., and was discarded; check that the URL points to the "
                 f"expected file."
             )
+        if check is not None:
+            check(tmp)
         os.replace(tmp, dst)
     except urllib.error.HTTPError as e:
         raise DownloadError(
@@ -350,6 +359,8 @@ def download_weights(
     convention), else the one published for ``fmt``. An existing ``dst`` is not downloaded
     again, but is checked against that prefix.
     """
+    from weights import is_npz_file  # here: it imports torch, which `flowers` does not need
+
     if fmt not in WEIGHTS:
         raise DownloadError(f"Unknown weights format {fmt!r}; choose one of {sorted(WEIGHTS)}.")
     source = WEIGHTS[fmt]
@@ -357,8 +368,11 @@ def download_weights(
     dst = weights_path(fmt, dst)
     match = _HASH_IN_NAME.search(url.rsplit("/", 1)[-1])
     hash_prefix = match.group(1) if match else source.hash_prefix
+    # Google's .npz has no published hash: its content is checked instead (an error page
+    # served as 200 would otherwise be saved as the weights).
+    check_npz = hash_prefix is None
     if dst.exists():
-        if hash_prefix is None and not zipfile.is_zipfile(dst):  # .npz: no published hash
+        if check_npz and not is_npz_file(dst):
             raise DownloadError(
                 f"{dst} exists but is not a .npz archive; delete it or choose another --output."
             )
@@ -368,7 +382,17 @@ def download_weights(
                 f"choose another --output."
             )
         return dst
-    return download_file(url, dst, hash_prefix, progress=progress)
+
+    def npz_only(path: Path) -> None:
+        if not is_npz_file(path):
+            raise DownloadError(
+                f"The file downloaded from {url} is not a .npz archive of arrays (an error "
+                f"page?) and was discarded; check that the URL points to the weights."
+            )
+
+    return download_file(url, dst, hash_prefix, progress=progress,
+                         check=npz_only if check_npz else None)
+
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -132,7 +132,7 @@ def _sniff(path: Path) -> str:
                 names = archive.namelist()
         except (zipfile.BadZipFile, OSError, EOFError):
             raise _damaged(path, "zip archive (a .pth or .npz)") from None
-        if names and all(name.endswith(".npy") for name in names):
+        if _are_arrays(names):
             return "npz"
         if is_torchscript(names):
             raise WeightsError(f"{path} is a TorchScript export of a model, which the commands "
@@ -149,6 +149,20 @@ def _sniff(path: Path) -> str:
         raise _damaged(path, f"{kinds[path.suffix]} file")
     raise WeightsError(f"{path} is not a weights file this program reads (PyTorch .pth/.bin, "
                        f".safetensors, Google .npz, or a Hugging Face folder).")
+
+
+def _are_arrays(names: list[str]) -> bool:
+    """Whether a zip's member names are numpy.savez's: one .npy file per array."""
+    return bool(names) and all(name.endswith(".npy") for name in names)
+
+
+def is_npz_file(path: str | Path) -> bool:
+    """Whether path is a numpy .npz archive, the container of Google's weights."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return _are_arrays(archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def _damaged(path: Path, what: str, detail: str = "") -> WeightsError:

@@ -9,6 +9,7 @@ import tarfile
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import Server
 from PIL import Image
@@ -375,15 +376,38 @@ def test_failed_download_keeps_existing_destination(server: Server, tmp_path: Pa
     assert leftovers(dst.parent) == ["w.pth"]
 
 
+def npz_bytes() -> bytes:
+    """A small archive written by numpy.savez, as Google's ViT-B_16.npz is."""
+    buf = io.BytesIO()
+    np.savez(buf, **{"Transformer/encoder_norm/scale": np.ones(8, np.float32)})
+    return buf.getvalue()
+
+
 def test_npz_weights_without_hash_are_saved_into_an_output_folder(
     server: Server, tmp_path: Path
 ) -> None:
-    url = server.publish("mirror.npz", WEIGHT_BYTES)
+    url = server.publish("mirror.npz", npz_bytes())
     folder = tmp_path / "weights"
     folder.mkdir()
     assert main(["weights", "--format", "npz", "--output", str(folder), "--url", url]) == 0
-    assert (folder / "ViT-B_16.npz").read_bytes() == WEIGHT_BYTES
+    assert (folder / "ViT-B_16.npz").read_bytes() == npz_bytes()
     assert leftovers(folder) == ["ViT-B_16.npz"]
+
+
+@pytest.mark.parametrize("served", [b"<html>Sign in to continue</html>\n",
+                                    npz_bytes()[:-40]])  # an error page; a cut-off archive
+def test_npz_weights_that_are_no_npz_archive_are_discarded(
+    server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str], served: bytes
+) -> None:
+    # No hash is published for the .npz, so its content is what is checked.
+    url = server.publish("ViT-B_16.npz", served)
+    dst = tmp_path / "weights" / "ViT-B_16.npz"
+    assert main(["weights", "--format", "npz", "--output", str(dst), "--url", url]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: The file downloaded from {url} is not a .npz archive of arrays (an "
+                   f"error page?) and was discarded; check that the URL points to the "
+                   f"weights.\n")
+    assert leftovers(dst.parent) == []  # neither the file nor a .partial
 
 
 def test_existing_weights_are_not_downloaded_again(
