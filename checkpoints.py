@@ -257,11 +257,16 @@ def is_torchscript(names: list[str]) -> bool:
 
 
 def is_torchscript_file(path: str | Path) -> bool:
+    return is_torchscript(zip_member_names(path))
+
+
+def zip_member_names(path: str | Path) -> list[str]:
+    """The names inside a zip archive; none for a file that is not a readable one."""
     try:
         with zipfile.ZipFile(path) as archive:
-            return is_torchscript(archive.namelist())
+            return archive.namelist()
     except (zipfile.BadZipFile, OSError):
-        return False
+        return []
 
 
 def peek_checkpoint(path: str | Path) -> Checkpoint | None:

@@ -40,7 +40,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoints import UNREADABLE_TORCH_FILE, Checkpoint, is_project_checkpoint, is_torchscript
+from checkpoints import (
+    UNREADABLE_TORCH_FILE,
+    Checkpoint,
+    is_project_checkpoint,
+    is_torchscript,
+    zip_member_names,
+)
 from errors import UserError, WeightsError
 from vit_model import MODEL_ARG_NAMES, VisionTransformer, create_model, list_models
 
@@ -158,11 +164,7 @@ def _are_arrays(names: list[str]) -> bool:
 
 def is_npz_file(path: str | Path) -> bool:
     """Whether path is a numpy .npz archive, the container of Google's weights."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return _are_arrays(archive.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
+    return _are_arrays(zip_member_names(path))
 
 
 def _damaged(path: Path, what: str, detail: str = "") -> WeightsError:
