@@ -130,6 +130,9 @@ class DropPath(nn.Module):
         mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
         return x * mask / keep_prob  # rescale so the expected output is unchanged
 
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
 
 def drop_rate(module: nn.Module) -> float:
     """How often a module drops at random in training (dropout, drop-path); 0 for the rest."""
@@ -138,9 +141,6 @@ def drop_rate(module: nn.Module) -> float:
     if isinstance(module, DropPath):
         return module.drop_prob
     return 0.0
-
-    def extra_repr(self) -> str:
-        return f"drop_prob={self.drop_prob}"
 
 
 class Block(nn.Module):
@@ -211,7 +211,6 @@ class VisionTransformer(nn.Module):
         super().__init__()
         # Everything needed to build the same network again; checkpoints store it.
         self.model_args = {name: arguments[name] for name in MODEL_ARG_NAMES}
-        self.num_classes = num_classes
         self.embed_dim = embed_dim
         # The reproduced repository's name: True when a pre-logits layer sits before the head.
         self.has_logits = bool(representation_size)
@@ -241,7 +240,7 @@ class VisionTransformer(nn.Module):
         else:
             self.pre_logits = nn.Identity()
             self.num_features = embed_dim
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.reset_classifier(num_classes)
 
         self.grad_checkpointing = False  # set_grad_checkpointing(True) to save memory
         self.init_weights()
@@ -268,6 +267,20 @@ class VisionTransformer(nn.Module):
             elif isinstance(module, nn.Conv2d):
                 lecun_normal_(module.weight)
                 nn.init.zeros_(module.bias)
+
+    def get_classifier(self) -> nn.Module:
+        """The head (timm's name)."""
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new head of num_classes outputs, zero as init_weights makes it (timm's name);
+        0 removes the head. The model's arguments follow, so a checkpoint rebuilds it."""
+        self.num_classes = self.model_args["num_classes"] = num_classes
+        like = self.norm.weight  # the new head lives where the model does
+        self.head = (nn.Linear(self.num_features, num_classes, device=like.device,
+                               dtype=like.dtype) if num_classes > 0 else nn.Identity())
+        for param in self.head.parameters():
+            nn.init.zeros_(param)
 
     @property
     def image_size(self) -> int:
@@ -358,15 +371,13 @@ def create_model(name: str, **overrides) -> VisionTransformer:
     return _MODEL_REGISTRY[name](**overrides)
 
 
-def _build(defaults: dict, overrides: dict, representation_size: int | None = None
+def _build(sizes: dict, num_classes: int, has_logits: bool, overrides: dict
            ) -> VisionTransformer:
-    # has_logits is the reproduced repository's switch for the pre-logits layer.
-    if "has_logits" in overrides:
-        width = overrides.get("embed_dim", defaults["embed_dim"])  # ViT's pre-logits keep D
-        overrides.setdefault("representation_size", width if overrides.pop("has_logits") else None)
-    else:
-        overrides.setdefault("representation_size", representation_size)
-    return VisionTransformer(**{**defaults, **overrides})
+    # has_logits is the reproduced repository's switch for a pre-logits layer of width D
+    # (as ViT's are); a representation_size override sets another width.
+    width = overrides.get("embed_dim", sizes["embed_dim"])
+    overrides.setdefault("representation_size", width if has_logits else None)
+    return VisionTransformer(**{**sizes, "num_classes": num_classes, **overrides})
 
 
 _DEMO = dict(img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=4)
@@ -377,74 +388,89 @@ _BASE32 = dict(patch_size=32, embed_dim=768, depth=12, num_heads=12)
 _LARGE16 = dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16)
 _LARGE32 = dict(patch_size=32, embed_dim=1024, depth=24, num_heads=16)
 _HUGE14 = dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16)
+_IN1K_CLASSES = 1000
 _IN21K_CLASSES = 21843
 
+# The factories take (num_classes, has_logits) by position too, as the reproduced
+# repository's do; any VisionTransformer argument can follow by keyword.
+
 
 @register_model
-def vit_demo_patch8_64(**overrides) -> VisionTransformer:
+def vit_demo_patch8_64(num_classes: int = _IN1K_CLASSES, has_logits: bool = False,
+                       **overrides) -> VisionTransformer:
     """A 0.8M-parameter ViT at 64 px for the offline demo and tests; no public weights."""
-    return _build(_DEMO, overrides)
+    return _build(_DEMO, num_classes, has_logits, overrides)
 
 
 @register_model
-def vit_tiny_patch16_224(**overrides) -> VisionTransformer:
+def vit_tiny_patch16_224(num_classes: int = _IN1K_CLASSES, has_logits: bool = False,
+                         **overrides) -> VisionTransformer:
     """ViT-Ti/16 (DeiT sizes), for CPU work; timm publishes weights."""
-    return _build(_TINY, overrides)
+    return _build(_TINY, num_classes, has_logits, overrides)
 
 
 @register_model
-def vit_small_patch16_224(**overrides) -> VisionTransformer:
+def vit_small_patch16_224(num_classes: int = _IN1K_CLASSES, has_logits: bool = False,
+                          **overrides) -> VisionTransformer:
     """ViT-S/16 (DeiT sizes), for CPU work; timm publishes weights."""
-    return _build(_SMALL, overrides)
+    return _build(_SMALL, num_classes, has_logits, overrides)
 
 
 @register_model
-def vit_base_patch16_224(**overrides) -> VisionTransformer:
+def vit_base_patch16_224(num_classes: int = _IN1K_CLASSES, has_logits: bool = False,
+                         **overrides) -> VisionTransformer:
     """ViT-B/16, 1000 classes: timm `vit_base_patch16_224`, torchvision `vit_b_16`."""
-    return _build(_BASE16, overrides)
+    return _build(_BASE16, num_classes, has_logits, overrides)
 
 
 @register_model
-def vit_base_patch16_224_in21k(**overrides) -> VisionTransformer:
+def vit_base_patch16_224_in21k(num_classes: int = _IN21K_CLASSES, has_logits: bool = True,
+                               **overrides) -> VisionTransformer:
     """ViT-B/16 pretrained on ImageNet-21k, with pre-logits.
 
     Weights: `jx_vit_base_patch16_224_in21k-e5005f0a.pth` (timm release v0.1-vitjx; the
     reproduced repository's `vit_base_patch16_224_in21k.pth`) or Google's `ViT-B_16.npz`.
     """
-    return _build({**_BASE16, "num_classes": _IN21K_CLASSES}, overrides, representation_size=768)
+    return _build(_BASE16, num_classes, has_logits, overrides)
 
 
 @register_model
-def vit_base_patch32_224(**overrides) -> VisionTransformer:
+def vit_base_patch32_224(num_classes: int = _IN1K_CLASSES, has_logits: bool = False,
+                         **overrides) -> VisionTransformer:
     """ViT-B/32, 1000 classes: timm `vit_base_patch32_224`, torchvision `vit_b_32`."""
-    return _build(_BASE32, overrides)
+    return _build(_BASE32, num_classes, has_logits, overrides)
 
 
 @register_model
-def vit_base_patch32_224_in21k(**overrides) -> VisionTransformer:
+def vit_base_patch32_224_in21k(num_classes: int = _IN21K_CLASSES, has_logits: bool = True,
+                               **overrides) -> VisionTransformer:
     """ViT-B/32 on ImageNet-21k: `jx_vit_base_patch32_224_in21k-8db57226.pth`, `ViT-B_32.npz`."""
-    return _build({**_BASE32, "num_classes": _IN21K_CLASSES}, overrides, representation_size=768)
+    return _build(_BASE32, num_classes, has_logits, overrides)
 
 
 @register_model
-def vit_large_patch16_224(**overrides) -> VisionTransformer:
+def vit_large_patch16_224(num_classes: int = _IN1K_CLASSES, has_logits: bool = False,
+                          **overrides) -> VisionTransformer:
     """ViT-L/16, 1000 classes: timm `vit_large_patch16_224`, torchvision `vit_l_16`."""
-    return _build(_LARGE16, overrides)
+    return _build(_LARGE16, num_classes, has_logits, overrides)
 
 
 @register_model
-def vit_large_patch16_224_in21k(**overrides) -> VisionTransformer:
+def vit_large_patch16_224_in21k(num_classes: int = _IN21K_CLASSES, has_logits: bool = True,
+                                **overrides) -> VisionTransformer:
     """ViT-L/16 on ImageNet-21k: `jx_vit_large_patch16_224_in21k-606da67d.pth`, `ViT-L_16.npz`."""
-    return _build({**_LARGE16, "num_classes": _IN21K_CLASSES}, overrides, representation_size=1024)
+    return _build(_LARGE16, num_classes, has_logits, overrides)
 
 
 @register_model
-def vit_large_patch32_224_in21k(**overrides) -> VisionTransformer:
+def vit_large_patch32_224_in21k(num_classes: int = _IN21K_CLASSES, has_logits: bool = True,
+                                **overrides) -> VisionTransformer:
     """ViT-L/32 on ImageNet-21k: `jx_vit_large_patch32_224_in21k-9046d2e7.pth`, `ViT-L_32.npz`."""
-    return _build({**_LARGE32, "num_classes": _IN21K_CLASSES}, overrides, representation_size=1024)
+    return _build(_LARGE32, num_classes, has_logits, overrides)
 
 
 @register_model
-def vit_huge_patch14_224_in21k(**overrides) -> VisionTransformer:
+def vit_huge_patch14_224_in21k(num_classes: int = _IN21K_CLASSES, has_logits: bool = True,
+                               **overrides) -> VisionTransformer:
     """ViT-H/14 on ImageNet-21k: Google's `imagenet21k/ViT-H_14.npz`."""
-    return _build({**_HUGE14, "num_classes": _IN21K_CLASSES}, overrides, representation_size=1280)
+    return _build(_HUGE14, num_classes, has_logits, overrides)

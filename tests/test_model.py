@@ -125,6 +125,38 @@ def test_reproduced_train_script_loads_the_in21k_file_without_head_and_pre_logit
     assert vit_base_patch16_224(depth=1).head.out_features == 1000
 
 
+def test_factories_take_num_classes_and_has_logits_by_position_as_the_reproduced_ones():
+    model = vit_base_patch16_224_in21k(5, False, depth=1)
+    assert (model.head.out_features, model.has_logits) == (5, False)
+    model = vit_base_patch16_224_in21k(depth=1)
+    assert (model.head.out_features, model.has_logits) == (21843, True)
+    assert model.pre_logits.fc.out_features == 768
+    assert vit_base_patch16_224(3, depth=1).head.out_features == 3
+    with pytest.raises(TypeError):
+        vit_base_patch16_224(3, num_classes=4)
+
+
+def test_reset_classifier_gives_a_zero_head_that_checkpoints_rebuild():
+    model = randomize_(tiny(num_classes=1000))
+    assert model.get_classifier() is model.head
+    model.reset_classifier(7)
+    assert model.head.out_features == 7 and model.num_classes == 7
+    assert all(torch.count_nonzero(p) == 0 for p in model.head.parameters())
+    # The arguments a checkpoint stores build the model as it is now.
+    rebuilt = VisionTransformer(**model.model_args)
+    rebuilt.load_state_dict(model.state_dict())
+    model.reset_classifier(0)
+    images = torch.randn(2, 3, *model.patch_embed.img_size)
+    assert model.eval()(images).shape == (2, model.num_features)
+    assert VisionTransformer(**model.model_args).num_classes == 0
+    model.to(torch.float64).reset_classifier(3)
+    assert model.head.weight.dtype == torch.float64  # made where the model lives
+
+
+def test_drop_path_says_its_rate():
+    assert repr(DropPath(0.1)) == "DropPath(drop_prob=0.1)"
+
+
 def test_img_size_override_resizes_the_position_embedding():
     model = create_model("vit_base_patch16_224", img_size=64, depth=1, num_classes=3).eval()
     assert model.patch_embed.num_patches == 16
