@@ -164,13 +164,15 @@ class GradCAM:
     Args:
         model: the classifier; it is put in eval mode, as the reproduced repository does.
         target_layers: modules whose outputs are the activations (their mean map is given).
-        use_cuda: move the model and the inputs to the GPU.
         reshape_transform: turns a layer's output into (B, C, h, w), e.g. drops a ViT's
             class token and lays the patches on their grid (tokens_to_grid).
+        use_cuda: move the model and the inputs to the GPU.
+
+    It also works as ``with GradCAM(...) as cam:``, as the reproduced one does.
     """
 
     def __init__(self, model: nn.Module, target_layers: Sequence[nn.Module],
-                 use_cuda: bool = False, reshape_transform: ReshapeTransform | None = None
+                 reshape_transform: ReshapeTransform | None = None, use_cuda: bool = False
                  ) -> None:
         self.model = model.eval()
         self.target_layers = list(target_layers)
@@ -178,6 +180,15 @@ class GradCAM:
         if use_cuda:
             self.model = model.cuda()
         self.reshape_transform = reshape_transform
+
+    def __enter__(self) -> GradCAM:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Nothing to undo: the hooks are put on for each call and taken off after it."""
 
     def __call__(self, input_tensor: torch.Tensor,
                  target_category: int | Sequence[int] | None = None) -> np.ndarray:
@@ -188,8 +199,16 @@ class GradCAM:
         return maps.cpu().numpy().astype(np.float32)
 
 
+# OpenCV's COLORMAP_* codes (what the reproduced repository passes) whose matplotlib colour
+# map has the same name.
+OPENCV_COLORMAPS = {0: "autumn", 1: "bone", 2: "jet", 3: "winter", 4: "rainbow", 5: "ocean",
+                    6: "summer", 7: "spring", 8: "cool", 9: "hsv", 10: "pink", 11: "hot",
+                    13: "magma", 14: "inferno", 15: "plasma", 16: "viridis", 17: "cividis",
+                    18: "twilight", 19: "twilight_shifted", 20: "turbo"}
+
+
 def show_cam_on_image(img: np.ndarray, mask: np.ndarray, use_rgb: bool = False,
-                      colormap: str = "jet") -> np.ndarray:
+                      colormap: str | int = "jet") -> np.ndarray:
     """The image with the map over it as a heat map: uint8 (H, W, 3).
 
     The reproduced repository colours with OpenCV; this uses a matplotlib colour map
@@ -201,9 +220,16 @@ def show_cam_on_image(img: np.ndarray, mask: np.ndarray, use_rgb: bool = False,
         mask: (H, W), values in [0, 1] (outside is clipped), e.g. one map of GradCAM.
         use_rgb: True if img is RGB; False (as the reproduced repository's default, made
             for OpenCV's images) gives a BGR heat map for a BGR image.
-        colormap: the name of a matplotlib colour map.
+        colormap: the name of a matplotlib colour map, or an OpenCV code such as
+            cv2.COLORMAP_JET (2) for the matplotlib map of that name.
     """
     from matplotlib import colormaps
+
+    name = OPENCV_COLORMAPS.get(colormap) if isinstance(colormap, int) else colormap
+    if name not in colormaps:
+        raise ValueError(f"colormap {colormap!r} is neither a matplotlib colour map nor an "
+                         f"OpenCV COLORMAP_* code with a matplotlib twin; pass a name such "
+                         f"as 'jet'.")
 
     img = np.asarray(img, dtype=np.float32)
     mask = np.asarray(mask)
@@ -215,7 +241,7 @@ def show_cam_on_image(img: np.ndarray, mask: np.ndarray, use_rgb: bool = False,
         raise ValueError("The image should be float in [0, 1]; divide a uint8 image by 255.")
     # Integer indices pick the colour map's 256 entries, as OpenCV's applyColorMap does.
     levels = np.uint8(np.round(255 * np.clip(mask, 0.0, 1.0)))
-    heatmap = colormaps[colormap](levels)[..., :3].astype(np.float32)  # RGB
+    heatmap = colormaps[name](levels)[..., :3].astype(np.float32)  # RGB
     if not use_rgb:
         heatmap = heatmap[..., ::-1]
     overlay = heatmap + img

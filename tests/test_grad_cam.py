@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from grad_cam import (
+    OPENCV_COLORMAPS,
     GradCAM,
     center_crop_img,
     patch_grid,
@@ -136,6 +137,9 @@ def test_drop_in_grad_cam_agrees_with_vit_grad_cam():
         assert isinstance(maps, np.ndarray) and maps.dtype == np.float32
         assert maps.shape == (2, 24, 40)
         np.testing.assert_allclose(maps, vit_grad_cam(model, images, target).numpy(), atol=1e-6)
+    # The reproduced main_vit.py: the reshape transform third, by position, in a with block.
+    with GradCAM(model, [model.blocks[-1].norm1], lambda t: tokens_to_grid(t, grid)) as same:
+        np.testing.assert_array_equal(same(images, 1), cam(images, 1))
 
 
 def test_predicted_class_is_the_default():
@@ -209,8 +213,21 @@ def test_show_cam_on_image_is_uint8_rgb_or_bgr():
     assert blank[0, 0, 2] > blank[0, 0, 0] and blank[0, -1, 0] > blank[0, -1, 2]
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         show_cam_on_image(img * 255, mask)
+    with pytest.raises(ValueError, match="pass a name such as 'jet'"):
+        show_cam_on_image(img, mask, colormap=12)  # OpenCV's PARULA: matplotlib has none
     with pytest.raises(ValueError, match="shape"):
         show_cam_on_image(img, mask[:, :30])
+
+
+def test_show_cam_on_image_takes_opencvs_colormap_codes():
+    import cv2  # the reproduced repository passes cv2.COLORMAP_JET
+
+    for code, name in OPENCV_COLORMAPS.items():
+        assert getattr(cv2, f"COLORMAP_{name.upper()}") == code, name
+    img = np.full((8, 8, 3), 0.5, dtype=np.float32)
+    mask = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    np.testing.assert_array_equal(show_cam_on_image(img, mask, colormap=cv2.COLORMAP_JET),
+                                  show_cam_on_image(img, mask, colormap="jet"))
 
 
 @pytest.mark.parametrize("shape", [(300, 200, 3), (200, 300, 3), (224, 224, 3), (90, 120)])
