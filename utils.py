@@ -1,8 +1,9 @@
 """What the reproduced repository's utils.py holds: the split, class indices, the device, the
 training and evaluation loops and the learning-rate schedule.
 
-Its train.py runs on these unchanged: read_split_data(root) unpacks as its four lists, and
-train_one_epoch / evaluate called with its arguments return what unpacks as (loss, acc).
+Its train.py runs on these unchanged: read_split_data(root) unpacks and indexes as its four
+lists, and train_one_epoch / evaluate called with its arguments (the device may be a string)
+return what unpacks and indexes as (loss, acc).
 This project's train.py passes more (precision, accumulation, ranks) and reads more of
 EpochStats.
 """
@@ -48,8 +49,25 @@ def seed_problem(seed: int | None) -> str | None:
     return f"--seed must be in [0, 2**32), got {seed}."
 
 
+class _ReturnedAsTuple:
+    """Unpacks, indexes and counts as the tuple the reproduced repository's function
+    returned (what _as_tuple gives), so its scripts' `result[1]` works as theirs did."""
+
+    def _as_tuple(self) -> tuple:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator:
+        return iter(self._as_tuple())
+
+    def __getitem__(self, index: int | slice):
+        return self._as_tuple()[index]
+
+    def __len__(self) -> int:
+        return len(self._as_tuple())
+
+
 @dataclass
-class Split:
+class Split(_ReturnedAsTuple):
     class_names: list[str]
     train_images: list[Path]
     train_labels: list[int]
@@ -61,11 +79,11 @@ class Split:
     def num_images(self) -> int:
         return len(self.train_images) + len(self.val_images)
 
-    def __iter__(self) -> Iterator[list]:
+    def _as_tuple(self) -> tuple[list[str], list[int], list[str], list[int]]:
         """train_images_path, train_images_label, val_images_path, val_images_label =
         read_split_data(root), as the reproduced repository's four lists (of str paths)."""
-        return iter(([str(p) for p in self.train_images], self.train_labels,
-                     [str(p) for p in self.val_images], self.val_labels))
+        return ([str(p) for p in self.train_images], self.train_labels,
+                [str(p) for p in self.val_images], self.val_labels)
 
 
 def find_classes(root: str | Path) -> list[str]:
@@ -207,9 +225,9 @@ def autocast(device_type: str, amp_dtype: torch.dtype | None, **kwargs) -> torch
 
 
 @dataclass
-class EpochStats:
-    """One pass over a data set, averaged over samples; unpacks as (loss, acc), the reproduced
-    repository's return value."""
+class EpochStats(_ReturnedAsTuple):
+    """One pass over a data set, averaged over samples; unpacks and indexes as (loss, acc),
+    the reproduced repository's return value."""
 
     loss: float
     acc: float
@@ -217,8 +235,8 @@ class EpochStats:
     images_per_sec: float | None = None  # training: the whole epoch's speed over all ranks
     confusion: torch.Tensor | None = None  # evaluation with num_classes: counts[true, predicted]
 
-    def __iter__(self) -> Iterator[float]:
-        return iter((self.loss, self.acc))
+    def _as_tuple(self) -> tuple[float, float]:
+        return self.loss, self.acc
 
 
 def _bar(data_loader: Iterable, show: bool) -> tqdm:
@@ -244,6 +262,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data_loa
                     device: torch.device, epoch: int, settings: StepSettings | None = None,
                     dist_info: Distributed | None = None) -> EpochStats:
     """One pass over the training data; loss and accuracy averaged over samples."""
+    device = torch.device(device)  # the reproduced scripts may pass "cuda:0"
     settings = settings or StepSettings()
     dist_info = dist_info or Distributed()
     model.train()
@@ -302,6 +321,7 @@ def _validate(batches: Iterable,
               dist_info: Distributed | None, num_classes: int | None) -> EpochStats:
     """Loss, accuracy (and with num_classes the confusion counts) of logits_of(inputs) over
     (inputs, labels) batches, summed over samples and ranks."""
+    device = torch.device(device)  # the reproduced scripts may pass "cuda:0"
     dist_info = dist_info or Distributed()
     loss_function = nn.CrossEntropyLoss(reduction="sum")
     total_loss = torch.zeros((), dtype=torch.float64, device=device)

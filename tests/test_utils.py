@@ -19,6 +19,8 @@ def test_read_split_data_unpacks_as_four_lists(demo_flowers):
     assert all(isinstance(path, str) for path in train_images_path + val_images_path)
     assert len(train_images_path) == len(train_images_label) == 50
     assert len(val_images_path) == len(val_images_label) == 10
+    assert len(split) == 4 and split[0] == train_images_path and split[3] == val_images_label
+    assert split[2:] == (val_images_path, val_images_label)
 
 
 def loader() -> DataLoader:
@@ -36,6 +38,11 @@ def test_the_loops_called_as_the_reproduced_train_py_return_loss_and_accuracy():
     assert (train_loss, train_acc) == (stats.loss, stats.acc)
     assert isinstance(train_loss, float) and isinstance(train_acc, float)
     assert stats.samples == 10 and stats.images_per_sec > 0
+
+    # Positional, with the device as a string and the result indexed.
+    stats = train_one_epoch(model, optimizer, loader(), "cpu", 1)
+    assert (stats[0], stats[1], len(stats)) == (stats.loss, stats.acc, 2)
+    assert evaluate(model, loader(), "cpu", 1)[1] == evaluate(model, loader(), device, 1).acc
 
     stats = evaluate(model=model, data_loader=loader(), device=device, epoch=0)
     val_loss, val_acc = stats
