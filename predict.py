@@ -145,14 +145,16 @@ def load_classifier(weights_path: Path, class_indices: str | None = None,
                     model_name: str = DEFAULT_MODEL) -> tuple[VisionTransformer, list[str]]:
     """The model these weights need, loaded, with its class names."""
     weights = read_weights(weights_path)
-    class_names = weights.class_names or _class_names_for(weights_path, class_indices)
     model = load_model_for(weights, model_name)
-    if model.num_classes == 0:
+    if model.num_classes == 0:  # said before class names are looked for: they would not help
         raise UserError(f"{weights_path} has no classification head, only features; fine-tune "
                         f"it first (python train.py --weights {weights_path}).")
+    class_names = weights.class_names or _class_names_for(weights_path, class_indices)
     if model.num_classes != len(class_names):
         raise UserError(f"{weights_path} has a {model.num_classes}-class head but "
-                        f"{len(class_names)} class names were given.")
+                        f"{len(class_names)} class names were given; pass --class-indices "
+                        f"with {model.num_classes} names, or fine-tune it on your classes "
+                        f"(python train.py --weights {weights_path}).")
     if head_is_zero(weights.state_dict):
         print(f"warning: the head in {weights_path} is all zeros (as in the ImageNet-21k "
               f"release); every class gets the same probability. Fine-tune it first.",

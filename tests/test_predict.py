@@ -670,6 +670,30 @@ def test_class_indices_that_does_not_exist_is_named(trained, plain_state_dict, t
     assert "--class-indices" in one_error_line(rc, err)
 
 
+def test_a_headless_or_other_class_file_says_so_before_asking_for_class_names(trained,
+                                                                            tmp_path,
+                                                                            monkeypatch):
+    data, _ = trained
+    image = data / "roses" / "roses_0000.jpg"
+    monkeypatch.chdir(tmp_path)  # no class_indices.json here
+    demo = ["--model-name", "vit_demo_patch8_64", "--device", "cpu"]
+    headless = tmp_path / "features.pth"  # e.g. timm's num_classes=0, DINO, MAE
+    torch.save(create_model("vit_demo_patch8_64", num_classes=0).state_dict(), headless)
+    rc, out, err = run_cli(predict.main, [image, "--weights", headless, *demo])
+    assert one_error_line(rc, err) == (
+        f"error: {headless} has no classification head, only features; fine-tune it first "
+        f"(python train.py --weights {headless}).")
+    thousand = tmp_path / "imagenet.pth"  # an ImageNet-1k classifier, five names given
+    torch.save(create_model("vit_demo_patch8_64", num_classes=1000).state_dict(), thousand)
+    indices = tmp_path / "five.json"
+    indices.write_text(json.dumps({str(i): name for i, name in enumerate(CLASSES)}))
+    rc, out, err = run_cli(predict.main, [image, "--weights", thousand, "--class-indices",
+                                          indices, *demo])
+    line = one_error_line(rc, err)
+    assert "has a 1000-class head but 5 class names were given" in line, line
+    assert "--class-indices with 1000 names" in line and out == ""
+
+
 @pytest.mark.parametrize("orientation, store, undo", [
     (6, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270),
     (8, Image.Transpose.ROTATE_270, Image.Transpose.ROTATE_90)])
