@@ -115,8 +115,9 @@ def read_split_data(root: str | Path, val_rate: float = DEFAULT_VAL_RATE, seed: 
 
     Draws as the reproduced repository does after random.seed(0) (one generator, classes in
     sorted order), so flower_photos splits into the report's 2939 / 731; it draws from
-    os.listdir's order, which only some file systems sort, so the files can differ. Files that cannot be
-    decoded are named through `warn`, skipped before the draw and listed in Split.skipped.
+    os.listdir's order, which only some file systems sort, so the files can differ. Files
+    that cannot be decoded are named through `warn`, skipped before the draw and listed in
+    Split.skipped.
     """
     if not 0.0 <= val_rate < 1.0:
         raise UserError(f"--val-rate must be in [0, 1), got {val_rate}.")
