@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import load, one_error_line, run_cli
 from PIL import Image
+from write_faults import assert_only, files_limited_to
 
 import predict
 from my_dataset import MEAN, STD, build_transforms, open_rgb, unnormalize
@@ -746,3 +747,35 @@ def test_loader_workers_are_capped_at_one_per_batch(tmp_path):
     model = create_model("vit_demo_patch8_64", num_classes=5)
     assert predict.image_loader(model, paths, batch_size=2, workers=100000).num_workers == 3
     assert predict.image_loader(model, paths, batch_size=2, workers=1).num_workers == 1
+
+
+# ------------------------------------------------------------- failed writes
+
+@pytest.mark.parametrize("flag", ["--save-fig", "--attention", "--grad-cam"])
+def test_a_full_disk_keeps_the_figure_that_was_there(trained, tmp_path, flag):
+    # Each figure went straight to its name: a full disk left a cut-short PNG in its place.
+    data, ckpt = trained
+    figure = tmp_path / "figure.png"
+    figure.write_bytes(b"yesterday's figure")
+    with files_limited_to(1000):  # the figures are larger: their writes fail
+        code, _, err = run_cli(predict.main, [data / "roses" / "roses_0000.jpg", "--weights",
+                                              ckpt, "--device", "cpu", flag, figure])
+    line = one_error_line(code, err, status=1)
+    assert line == (f"error: Cannot write {figure} (File too large); check the folder and the "
+                    f"free space.")
+    assert figure.read_bytes() == b"yesterday's figure"
+    assert_only(tmp_path, ["figure.png"])
+
+
+@pytest.mark.parametrize("suffix, magic", [(".pdf", b"%PDF"), (".svg", b"<?xml"),
+                                           (".jpg", b"\xff\xd8\xff"), (".JPEG", b"\xff\xd8\xff"),
+                                           (".png", b"\x89PNG")])
+def test_a_figure_is_in_the_format_its_suffix_names(trained, tmp_path, suffix, magic):
+    data, ckpt = trained
+    figure = tmp_path / f"figure{suffix}"
+    code, _, err = run_cli(predict.main, [data / "roses" / "roses_0000.jpg", "--weights", ckpt,
+                                          "--device", "cpu", "--save-fig", figure])
+    assert code == 0, err
+    assert figure.read_bytes().startswith(magic)
+    assert_only(tmp_path, [figure.name])
+
