@@ -130,22 +130,38 @@ def make_checkpoint(model: nn.Module, model_name: str, class_names: list[str],
 
 # --------------------------------------------------------------------------- writing
 
-def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """write(tmp), then rename tmp to path: a kill mid-write leaves the old file intact."""
+def write_atomically(path: str | Path, write: Callable[[Path], object]) -> None:
+    """Write path whole or not at all: write(tmp) fills a temporary file beside it, which is
+    then renamed to path. A failed write (a full disk) raises WriteError naming path and
+    leaves the old file, if any, intact and no temporary behind; a kill midway leaves the
+    old file intact too, and the temporary (remove_temporary_files clears a run's folder).
+
+    The temporary is .{name}.tmp, so a library that picks the format by the suffix must be
+    told it (matplotlib: savefig(tmp, format=...)), or write to memory (atomic_write_bytes).
+    """
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as err:
+    except (OSError, RuntimeError) as err:  # torch's C++ writers report OS errors as these
         raise _write_error(path, err) from None
     finally:
         with contextlib.suppress(OSError):  # in a read-only folder: keep the first error
             tmp.unlink(missing_ok=True)
 
 
+_write_atomically = write_atomically  # the name restore_best below calls it by
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write data to path atomically (through a temporary file and a rename)."""
-    _write_atomically(Path(path), lambda tmp: tmp.write_bytes(data))
+    """Write data to path atomically (write_atomically)."""
+    write_atomically(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write text to path atomically, in UTF-8 (write_atomically)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def save_checkpoint(checkpoint: Checkpoint | dict, path: str | Path) -> None:
@@ -154,7 +170,7 @@ def save_checkpoint(checkpoint: Checkpoint | dict, path: str | Path) -> None:
     obj = checkpoint.to_dict() if isinstance(checkpoint, Checkpoint) else checkpoint
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path, lambda tmp: torch.save(obj, tmp))
+    write_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _to_cpu_copy(obj, devices: set[torch.device]):

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from checkpoints import read_train_args
+from checkpoints import atomic_write_text, read_train_args, write_atomically
 from cli import add_device_flag, add_weights_flags, run_main
 from download import FLOWERS_DIR
-from errors import UserError, check_output_dir, make_output_dir, writing
+from errors import UserError, check_output_dir, make_output_dir
 from predict import check_figure_path, load_classifier, predict_probs, resolve_weights
 from report import HTML_SUFFIXES, write_html_report
 from utils import DEFAULT_SEED, DEFAULT_VAL_RATE, read_split_data, seed_problem, select_device
@@ -129,17 +129,25 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def write_csv(path: Path, rows: list[list]) -> None:
+    """rows, the header first, as a CSV file, atomically (a failed write keeps the old file)."""
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows(rows)
+
+    write_atomically(path, write)
+
+
 def write_metrics_csv(metrics: dict, path: Path) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["class", "precision", "recall", "f1", "support"])
-        for name, row in metrics["classes"].items():
-            writer.writerow([name, f"{row['precision']:.6f}", f"{row['recall']:.6f}",
-                             f"{row['f1']:.6f}", row["support"]])
-        for label, key in (("macro avg", "macro_avg"), ("weighted avg", "weighted_avg")):
-            row = metrics[key]
-            writer.writerow([label, f"{row['precision']:.6f}", f"{row['recall']:.6f}",
-                             f"{row['f1']:.6f}", metrics["num_images"]])
+    rows = [["class", "precision", "recall", "f1", "support"]]
+    for name, row in metrics["classes"].items():
+        rows.append([name, f"{row['precision']:.6f}", f"{row['recall']:.6f}",
+                     f"{row['f1']:.6f}", row["support"]])
+    for label, key in (("macro avg", "macro_avg"), ("weighted avg", "weighted_avg")):
+        row = metrics[key]
+        rows.append([label, f"{row['precision']:.6f}", f"{row['recall']:.6f}",
+                     f"{row['f1']:.6f}", metrics["num_images"]])
+    write_csv(path, rows)
 
 
 def write_misclassified(result: Evaluation, path: Path) -> int:
@@ -147,12 +155,10 @@ def write_misclassified(result: Evaluation, path: Path) -> int:
     preds, names = result.preds, result.class_names
     wrong = misclassified_indices(result.probs, result.labels)
     confidence = result.probs.max(dim=1).values
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "true", "predicted", "prob"])
-        for i in wrong:
-            writer.writerow([str(result.paths[i]), names[result.labels[i]], names[preds[i]],
-                             f"{confidence[i].item():.4f}"])
+    rows = [["path", "true", "predicted", "prob"]]
+    rows += [[str(result.paths[i]), names[result.labels[i]], names[preds[i]],
+              f"{confidence[i].item():.4f}"] for i in wrong]
+    write_csv(path, rows)
     return len(wrong)
 
 
@@ -211,10 +217,9 @@ def run(args: argparse.Namespace) -> int:
 
     report = {"weights": str(weights_path), "data_path": str(data_path), "subset": subset,
               "seed": settings["seed"], "val_rate": settings["val_rate"], **metrics}
-    with writing(out):
-        (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
-        write_metrics_csv(metrics, out / "metrics.csv")
-        write_misclassified(result, out / "misclassified.csv")
+    atomic_write_text(out / "metrics.json", json.dumps(report, indent=2) + "\n")
+    write_metrics_csv(metrics, out / "metrics.csv")
+    write_misclassified(result, out / "misclassified.csv")
     title = f"Confusion matrix, {subset} images"
     save_figure(plot_confusion_matrix(cm, class_names, title), out / "confusion_matrix.png")
     train_counts = [split.train_labels.count(i) for i in range(len(class_names))]

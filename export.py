@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import json
 import math
 import os
@@ -32,8 +33,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from checkpoints import atomic_write_bytes
 from cli import add_weights_flags, run_main
-from errors import UserError, check_output_file, write_error, writing
+from errors import UserError, check_output_file, writing
 from my_dataset import MEAN, STD
 from predict import load_classifier, resolve_weights
 from vit_model import VisionTransformer
@@ -76,10 +78,11 @@ def export_torchscript(model: VisionTransformer, example: torch.Tensor, config: 
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.trace(model, example)
-        try:
-            torch.jit.save(traced, str(output), _extra_files={"config.json": json.dumps(config)})
-        except RuntimeError as err:  # PyTorch's C++ file writer reports OS errors this way
-            raise write_error(output, err) from None
+        # Saved to memory, then written by Python: torch.jit.save's own file writer aborts
+        # the interpreter when the disk fills up ("unexpected pos"), leaving a 0-byte file.
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer, _extra_files={"config.json": json.dumps(config)})
+        atomic_write_bytes(output, buffer.getvalue())
         loaded = torch.jit.load(str(output), map_location="cpu")
     return lambda x: loaded(x)
 
@@ -90,21 +93,20 @@ def missing_onnx_packages() -> list[str]:
 
 def export_onnx(model: VisionTransformer, example: torch.Tensor, config: dict,
                 output: Path) -> Callable[[torch.Tensor], torch.Tensor]:
-    import onnx
     import onnxruntime
 
     batch = torch.export.Dim("batch")
-    with warnings.catch_warnings(), writing(output):
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        torch.onnx.export(model, (example,), str(output), input_names=["images"],
-                          output_names=["logits"], dynamic_shapes={"x": {0: batch}},
-                          dynamo=True, external_data=False, verbose=False)
-    proto = onnx.load(str(output))
+        program = torch.onnx.export(model, (example,), input_names=["images"],
+                                    output_names=["logits"], dynamic_shapes={"x": {0: batch}},
+                                    dynamo=True, verbose=False)
+    proto = program.model_proto
     for key, value in config.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, json.dumps(value)
-    with writing(output):
-        onnx.save(proto, str(output))
+    # One file without external data, so at most protobuf's 2 GB (ViT-L's 1.2 GB fits).
+    atomic_write_bytes(output, proto.SerializeToString())
     session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])

@@ -28,9 +28,16 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from checkpoints import CLASS_INDICES_FILE, DEFAULT_OUTPUT_DIR, find_checkpoint
+from checkpoints import (
+    BEST_FILE,
+    CLASS_INDICES_FILE,
+    DEFAULT_OUTPUT_DIR,
+    find_checkpoint,
+    newest_epoch_checkpoint,
+    peek_checkpoint,
+)
 from cli import DEFAULT_MODEL, add_device_flag, add_weights_flags, run_main
-from errors import UserError, check_output_dir, check_output_file
+from errors import UserError, WeightsError, check_output_dir, check_output_file
 from my_dataset import (
     IMG_EXTENSIONS_HINT,
     MyDataSet,
@@ -129,16 +136,34 @@ def resolve_weights(path: str | None) -> Path:
     """--weights as a path (a file or a Hugging Face folder); by default the newest in
     train.py's default output folder."""
     if path is None:
-        found = find_checkpoint(DEFAULT_OUTPUT_DIR)
-        if found is None:
-            raise UserError(f"No checkpoint in ./{DEFAULT_OUTPUT_DIR}; train one (python "
-                            "train.py, or python train.py --demo) or pass --weights.")
-        return found
+        return default_weights()
     if not path:  # Path('') is the current folder
         raise UserError("--weights is empty; name a weights file or Hugging Face folder.")
     if not Path(path).exists():
         raise UserError(f"Weights file {path} does not exist.")
     return Path(path)
+
+
+def default_weights() -> Path:
+    """best.pth in train.py's default output folder, else its newest model-*.pth. A best.pth
+    that cannot be read (a copy cut short, a full disk) is passed over for the newest epoch
+    checkpoint, with a note: without --weights the user asked for the run's model, and the
+    run has another."""
+    found = find_checkpoint(DEFAULT_OUTPUT_DIR)
+    if found is None:
+        raise UserError(f"No checkpoint in ./{DEFAULT_OUTPUT_DIR}; train one (python "
+                        "train.py, or python train.py --demo) or pass --weights.")
+    newest = newest_epoch_checkpoint(DEFAULT_OUTPUT_DIR)
+    # peek_checkpoint reads only the file's header, so a good best.pth costs little here.
+    if found.name != BEST_FILE or newest is None or peek_checkpoint(found) is not None:
+        return found
+    try:
+        read_weights(found)  # not this project's checkpoint, yet maybe readable weights
+    except WeightsError as err:
+        print(f"note: {err} Using {newest}, the run's newest epoch checkpoint, instead.",
+              file=sys.stderr)
+        return newest
+    return found
 
 
 def load_classifier(weights_path: Path, class_indices: str | None = None,

@@ -33,11 +33,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import train
-from checkpoints import BEST_FILE, DEFAULT_OUTPUT_DIR, epoch_file, read_progress
+from checkpoints import (
+    BEST_FILE,
+    DEFAULT_OUTPUT_DIR,
+    atomic_write_text,
+    epoch_file,
+    read_progress,
+)
 from cli import INTERRUPTED_STATUS, run_main
 from demo_data import make_demo_flowers
 from download import FLOWERS_DIR
-from errors import ProjectError, UserError, check_output_file, writing
+from errors import ProjectError, UserError, check_output_file
 
 
 @dataclass(frozen=True)
@@ -289,8 +295,7 @@ def run_all(args: argparse.Namespace, extra: list[str], command: str) -> int:
     title = "Quick mode (synthetic data, not comparable)" if args.quick else "flower_photos"
     save_figure(plot_curves(curves, references, title=title), out / "val_acc.png")
     text = results_markdown(results, args, pretrained, command)
-    with writing(out / "results.md"):
-        (out / "results.md").write_text(text)
+    atomic_write_text(out / "results.md", text)
     print(f"\n{text}\nWrote {out / 'results.md'} and {out / 'val_acc.png'}.")
     return 0
 

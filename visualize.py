@@ -13,6 +13,7 @@ train.py can hand them to TensorBoard's `add_figure` every epoch and scripts can
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from checkpoints import atomic_write_bytes
 from errors import writing
 
 if TYPE_CHECKING:  # matplotlib is imported where it is used; only the type is needed here
@@ -150,10 +152,15 @@ def figure_pixels(fig: Figure) -> np.ndarray:
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
+    """Save fig in the format path's suffix names, atomically: a failed write leaves the file
+    that was there. Drawn in memory first, where matplotlib takes the format from us, not
+    from the temporary file's name."""
     path = Path(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=path.suffix.removeprefix(".").lower() or None, dpi=dpi)
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=dpi)
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 

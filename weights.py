@@ -41,8 +41,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from checkpoints import (
+    BEST_FILE,
+    EPOCH_FILES,
+    INTERRUPTED_FILE,
     UNREADABLE_TORCH_FILE,
     Checkpoint,
+    epoch_checkpoints,
     is_project_checkpoint,
     is_torchscript,
     zip_member_names,
@@ -93,7 +97,7 @@ def read_weights(path: str | Path) -> Weights:
     if not path.is_file():
         raise WeightsError(f"Weights file {path} does not exist.")
     if path.stat().st_size == 0:
-        raise WeightsError(f"Weights file {path} is empty; download it again.")
+        raise WeightsError(f"Weights file {path} is empty; {_what_to_do_instead(path)}.")
     try:
         container = _sniff(path)
     except OSError as err:  # permissions, or a file that vanished or is a FIFO gone wrong
@@ -170,7 +174,22 @@ def is_npz_file(path: str | Path) -> bool:
 def _damaged(path: Path, what: str, detail: str = "") -> WeightsError:
     detail = f" ({detail})" if detail else ""
     return WeightsError(f"{path} is not a readable {what}{detail}: it is truncated or corrupt; "
-                        f"download it again.")
+                        f"{_what_to_do_instead(path)}.")
+
+
+def _what_to_do_instead(path: Path) -> str:
+    """The way on from a damaged or empty weights file. A checkpoint a training run wrote
+    cannot be downloaded again, but the run's other checkpoints stand in for it, and
+    --resume auto rebuilds best.pth from them (train.py's restore_best)."""
+    folder = path.parent
+    if path.name == BEST_FILE:
+        return (f"pass one of the run's {EPOCH_FILES} in {folder} instead, or rebuild it by "
+                f"running the run's train.py command again with --resume auto --output-dir "
+                f"{folder}")
+    if path.name == INTERRUPTED_FILE or path in (p for _, p in epoch_checkpoints(folder)):
+        return (f"pass another of the run's checkpoints in {folder} instead ({BEST_FILE} or "
+                f"another {EPOCH_FILES})")
+    return "download it again"
 
 
 def _torch_load(path: Path) -> object:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_model
+from write_faults import assert_only, files_limited_to
 
 from checkpoints import (
     BEST_FILE,
@@ -23,9 +24,11 @@ from checkpoints import (
     prune_checkpoints,
     read_progress,
     read_train_args,
+    remove_temporary_files,
     restore_training_state,
     save_checkpoint,
     training_state,
+    write_atomically,
 )
 from errors import UserError, WeightsError, WriteError
 from vit_model import VisionTransformer
@@ -233,3 +236,45 @@ def test_a_failed_cleanup_does_not_hide_the_write_error(tmp_path):
     with pytest.raises(WriteError, match="Cannot write"):
         save_checkpoint({"w": torch.zeros(1)}, tmp_path / "file" / "model-0.pth")
     assert (tmp_path / "file").read_text() == "keep me"
+
+
+# --------------------------------------------------------------------------- a real full disk
+# (the kernel's file-size limit: every writer fails for real, nothing patched)
+
+def test_write_atomically_on_a_full_disk_keeps_the_old_file_and_leaves_no_temporary(
+        tmp_path):
+    target = tmp_path / "results.csv"
+    target.write_text("the old results\n")
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w") as f:
+            f.write("the new results\n" * 1000)
+
+    with files_limited_to(100), pytest.raises(WriteError) as caught:
+        write_atomically(target, write)
+    assert str(caught.value) == (f"Cannot write {target} (File too large); check the folder "
+                                 f"and the free space.")
+    assert target.read_text() == "the old results\n"
+    assert_only(tmp_path, ["results.csv"])
+    write_atomically(target, write)  # with room, the new file replaces the old
+    assert target.read_text() == "the new results\n" * 1000
+    assert_only(tmp_path, ["results.csv"])
+
+
+def test_a_checkpoint_write_on_a_full_disk_keeps_the_old_checkpoint(tmp_path):
+    target = tmp_path / "best.pth"
+    save_checkpoint({"w": torch.zeros(3)}, target)
+    old = target.read_bytes()
+    with files_limited_to(len(old)), pytest.raises(WriteError, match="best.pth"):
+        save_checkpoint({"w": torch.ones(10_000)}, target)  # torch's own C++ writer
+    assert target.read_bytes() == old
+    assert_only(tmp_path, ["best.pth"])
+
+
+def test_the_temporary_file_is_one_a_runs_cleanup_finds(tmp_path):
+    # A kill midway leaves the temporary; train.py removes the run folder's .*.tmp files.
+    seen = []
+    write_atomically(tmp_path / "model-3.pth", lambda tmp: seen.append(tmp) or tmp.touch())
+    assert seen[0].parent == tmp_path and seen[0].match(".*.tmp")
+    seen[0].touch()
+    assert remove_temporary_files(tmp_path) == [seen[0]]

@@ -6,6 +6,7 @@ import base64
 import csv
 import io
 import json
+import shutil
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -15,9 +16,11 @@ import pytest
 import torch
 from conftest import ROOT, one_error_line, run_cli
 from PIL import Image
+from write_faults import assert_only, files_limited_to
 
 import evaluate
 from demo_data import make_demo_flowers
+from errors import WriteError
 from visualize import confusion_matrix, per_class_metrics, plot_confusion_matrix
 
 OUTPUTS = ("metrics.json", "metrics.csv", "misclassified.csv", "confusion_matrix.png",
@@ -397,7 +400,7 @@ def test_a_failed_write_is_one_error_line(trained, tmp_path, monkeypatch):
     def read_only(self, *args, **kwargs):  # root ignores chmod: fail the write here
         raise PermissionError(30, "Read-only file system", str(self))
 
-    monkeypatch.setattr(Path, "write_text", read_only)
+    monkeypatch.setattr(Path, "write_bytes", read_only)  # what metrics.json is written with
     rc, out, err = run_cli(evaluate.main, ["--weights", ckpt, "--data-path", data, "--device",
                                            "cpu", "--output-dir", out_dir])
     assert rc == 1 and len(err.splitlines()) == 1, err
@@ -448,3 +451,70 @@ def test_report_py_run_as_a_command_names_the_command_that_writes_its_page():
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == ("error: report.py has no command of its own; the page is written "
                              "by python evaluate.py --html report.html\n")
+
+
+# --------------------------------------------------------------------------- a full disk
+
+def evaluate_argv(trained, out_dir: Path, *extra: object) -> list[object]:
+    data, ckpt = trained
+    return ["--weights", ckpt, "--data-path", data, "--device", "cpu", "--workers", "0",
+            "--output-dir", out_dir, *extra]
+
+
+def test_a_full_disk_keeps_the_last_evaluation_whole(trained, tmp_path):
+    # Each output went straight to its name: a full disk left 0-byte files in their place.
+    out_dir, page = tmp_path / "eval", tmp_path / "eval" / "report.html"
+    assert run_cli(evaluate.main, evaluate_argv(trained, out_dir, "--html", page))[0] == 0
+    before = {path.name: path.read_bytes() for path in out_dir.iterdir()}
+    assert set(before) == {*OUTPUTS, "report.html"}
+    with files_limited_to(0):
+        code, _, err = run_cli(evaluate.main, evaluate_argv(trained, out_dir, "--html", page))
+    line = one_error_line(code, err, status=1)
+    assert line == (f"error: Cannot write {out_dir / 'metrics.json'} (File too large); check "
+                    f"the folder and the free space.")
+    assert {path.name: path.read_bytes() for path in out_dir.iterdir()} == before
+
+
+def write_each_output(name: str, path: Path) -> None:
+    """Write evaluate.py's output `name` to path, from a small hand-made evaluation."""
+    probs = torch.tensor([[0.9, 0.1], [0.3, 0.7], [0.2, 0.8]])
+    result = evaluate.Evaluation(["a", "b"], [Path(f"img{i}.jpg") for i in range(3)],
+                                 torch.tensor([0, 0, 1]), probs)
+    metrics = evaluate.metrics_dict(result.confusion, result.class_names)
+    if name == "metrics.csv":
+        evaluate.write_metrics_csv(metrics, path)
+    elif name == "misclassified.csv":
+        evaluate.write_misclassified(result, path)
+    else:
+        evaluate.save_figure(plot_confusion_matrix(result.confusion, result.class_names), path)
+
+
+@pytest.mark.parametrize("name", ["metrics.csv", "misclassified.csv", "confusion_matrix.png"])
+def test_each_output_on_a_full_disk_keeps_the_old_file(tmp_path, name):
+    target = tmp_path / name
+    target.write_bytes(b"the last evaluation's")
+    with files_limited_to(10), pytest.raises(WriteError, match="File too large"):
+        write_each_output(name, target)
+    assert target.read_bytes() == b"the last evaluation's"
+    assert_only(tmp_path, [name])
+    write_each_output(name, target)  # with room, the new file replaces the old
+    assert target.read_bytes() != b"the last evaluation's"
+    assert_only(tmp_path, [name])
+
+
+def test_a_damaged_best_pth_says_to_use_the_runs_other_checkpoints(trained, trained_demo,
+                                                                     tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("best.pth", "model-0.pth"):
+        shutil.copy(trained_demo.output_dir / name, run / name)
+    (run / "best.pth").write_bytes((run / "best.pth").read_bytes()[:1000])
+    data, _ = trained
+    code, out, err = run_cli(evaluate.main, evaluate_argv((data, run / "best.pth"),
+                                                          tmp_path / "eval"))
+    line = one_error_line(code, err)
+    assert line.endswith(f"pass one of the run's model-*.pth in {run} instead, or rebuild it "
+                         f"by running the run's train.py command again with --resume auto "
+                         f"--output-dir {run}."), line
+    assert "download" not in line and out == ""
+    assert not (tmp_path / "eval").exists()

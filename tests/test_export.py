@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import one_error_line, run_cli
+from write_faults import assert_only, files_limited_to, run_with_files_limited_to
 
 import export
 from predict import load_classifier
@@ -229,3 +230,37 @@ def test_an_output_in_a_folder_that_refuses_files_is_refused_before_the_work(che
     assert one_error_line(code, err).startswith(f"error: --output {output}: no file can be "
                                                 f"created in {unwritable_folder} (")
     assert out == ""
+
+
+# --------------------------------------------------------------------------- a full disk
+
+def test_torchscript_on_a_full_disk_is_one_error_line_and_keeps_the_old_export(checkpoint,
+                                                                                tmp_path):
+    # torch.jit.save's own file writer aborted the interpreter here (exit 134, "unexpected
+    # pos") and left a cut-short vit.pt: run in a process of its own, so that cannot end
+    # this test run. Exports of 1 KB and more fail, as on a disk with 1 KB left.
+    output = tmp_path / "out" / "vit.pt"
+    output.parent.mkdir()
+    output.write_bytes(b"the export of yesterday")
+    argv = ["--weights", str(checkpoint), "--output", str(output)]
+    done = run_with_files_limited_to(1000, f"import export; raise SystemExit(export.main("
+                                           f"{argv!r}))", tmp_path)
+    line = one_error_line(done.returncode, done.stderr, status=1)
+    assert line == (f"error: Cannot write {output} (File too large); check the folder and the "
+                    f"free space.")
+    assert output.read_bytes() == b"the export of yesterday"
+    assert_only(output.parent, ["vit.pt"])
+
+
+def test_onnx_on_a_full_disk_is_one_error_line_and_keeps_the_old_export(checkpoint, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    output = tmp_path / "vit.onnx"
+    output.write_bytes(b"the export of yesterday")
+    with files_limited_to(1000):
+        code, out, err = run_cli(export.main, ["--weights", checkpoint, "--output", output])
+    line = one_error_line(code, err, status=1)
+    assert line.startswith(f"error: Cannot write {output} (File too large)"), line
+    assert "Wrote" not in out
+    assert output.read_bytes() == b"the export of yesterday"
+    assert_only(tmp_path, ["vit.onnx"])

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import load, one_error_line, run_cli
 from PIL import Image
+from write_faults import assert_only, files_limited_to
 
 import predict
 from my_dataset import MEAN, STD, build_transforms, open_rgb, unnormalize
@@ -746,3 +747,85 @@ def test_loader_workers_are_capped_at_one_per_batch(tmp_path):
     model = create_model("vit_demo_patch8_64", num_classes=5)
     assert predict.image_loader(model, paths, batch_size=2, workers=100000).num_workers == 3
     assert predict.image_loader(model, paths, batch_size=2, workers=1).num_workers == 1
+
+
+# ------------------------------------------------------------- failed writes, damaged runs
+
+@pytest.mark.parametrize("flag", ["--save-fig", "--attention", "--grad-cam"])
+def test_a_full_disk_keeps_the_figure_that_was_there(trained, tmp_path, flag):
+    # Each figure went straight to its name: a full disk left a cut-short PNG in its place.
+    data, ckpt = trained
+    figure = tmp_path / "figure.png"
+    figure.write_bytes(b"yesterday's figure")
+    with files_limited_to(1000):  # the figures are larger: their writes fail
+        code, _, err = run_cli(predict.main, [data / "roses" / "roses_0000.jpg", "--weights",
+                                              ckpt, "--device", "cpu", flag, figure])
+    line = one_error_line(code, err, status=1)
+    assert line == (f"error: Cannot write {figure} (File too large); check the folder and the "
+                    f"free space.")
+    assert figure.read_bytes() == b"yesterday's figure"
+    assert_only(tmp_path, ["figure.png"])
+
+
+@pytest.mark.parametrize("suffix, magic", [(".pdf", b"%PDF"), (".svg", b"<?xml"),
+                                           (".jpg", b"\xff\xd8\xff"), (".JPEG", b"\xff\xd8\xff"),
+                                           (".png", b"\x89PNG")])
+def test_a_figure_is_in_the_format_its_suffix_names(trained, tmp_path, suffix, magic):
+    data, ckpt = trained
+    figure = tmp_path / f"figure{suffix}"
+    code, _, err = run_cli(predict.main, [data / "roses" / "roses_0000.jpg", "--weights", ckpt,
+                                          "--device", "cpu", "--save-fig", figure])
+    assert code == 0, err
+    assert figure.read_bytes().startswith(magic)
+    assert_only(tmp_path, [figure.name])
+
+
+def copy_run(trained_demo, folder: Path) -> Path:
+    """A copy of the session's demo run's checkpoints in folder, which it returns."""
+    folder.mkdir(parents=True)
+    for path in trained_demo.output_dir.glob("*.pth"):
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+def cut_short(path: Path) -> None:
+    """What a full disk or a killed copy leaves: the file's first kilobyte."""
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def test_a_damaged_best_pth_says_to_use_the_runs_other_checkpoints(trained_demo, tmp_path):
+    run = copy_run(trained_demo, tmp_path / "run")
+    image = trained_demo.data / "roses" / "roses_0002.jpg"
+    cut_short(run / "best.pth")
+    code, out, err = run_cli(predict.main, [image, "--weights", run / "best.pth", "--device",
+                                            "cpu"])
+    line = one_error_line(code, err)
+    assert line.startswith(f"error: {run / 'best.pth'} is not a readable "), line
+    assert line.endswith(f"it is truncated or corrupt; pass one of the run's model-*.pth in "
+                         f"{run} instead, or rebuild it by running the run's train.py command "
+                         f"again with --resume auto --output-dir {run}."), line
+    assert out == ""
+    cut_short(run / "model-1.pth")
+    code, out, err = run_cli(predict.main, [image, "--weights", run / "model-1.pth",
+                                            "--device", "cpu"])
+    assert one_error_line(code, err).endswith(
+        f"pass another of the run's checkpoints in {run} instead (best.pth or another "
+        f"model-*.pth).")
+
+
+def test_by_default_a_damaged_best_pth_is_passed_over_for_the_newest_epoch(
+        trained_demo, tmp_path, monkeypatch):
+    image = trained_demo.data / "roses" / "roses_0002.jpg"
+    _, expected, _ = run_cli(predict.main, [image, "--weights",
+                                            trained_demo.output_dir / "model-1.pth",
+                                            "--device", "cpu"])
+    cut_short(copy_run(trained_demo, tmp_path / "weights") / "best.pth")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(predict.main, [image, "--device", "cpu"])
+    assert code == 0, err
+    assert parse_classes(out) == parse_classes(expected)
+    note = err.strip()
+    assert len(note.splitlines()) == 1, err
+    assert note.startswith(f"note: {Path('weights') / 'best.pth'} is not a readable "), note
+    assert note.endswith(f"Using {Path('weights') / 'model-1.pth'}, the run's newest epoch "
+                         f"checkpoint, instead."), note

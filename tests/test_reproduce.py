@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, load
+from conftest import ROOT, load, one_error_line, run_cli
+from write_faults import files_limited_to
 
 import reproduce
 import train
@@ -175,3 +177,27 @@ def test_ctrl_c_stops_with_one_way_on(tmp_path):
     assert lines[-1] == "Interrupted; run the same reproduce.py command again to resume.", err
     # Not train.py's own advice (reproduce.py resumes its runs itself), and not a failure.
     assert "--resume auto" not in err and "error:" not in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("fault", ["a full disk", "a folder in the way of results.md's write"])
+def test_a_failed_write_keeps_the_last_results_whole(quick_run, tmp_path, fault):
+    # results.md and val_acc.png went straight to their names: a full disk left them empty.
+    _, finished, _, data = quick_run
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)  # its runs are done: only the results are written again
+    before = {name: (out / name).read_bytes() for name in ("results.md", "val_acc.png")}
+    argv = ["--quick", "--out", str(out), "--data-path", data, "--epochs-scale", "0.01", "--",
+            "--workers", "0", "--batch-size", "8"]
+    if fault == "a full disk":
+        failed = out / "val_acc.png"  # the first written
+        with files_limited_to(0):
+            code, _, err = run_cli(reproduce.main, argv)
+    else:
+        failed = out / "results.md"
+        (out / ".results.md.tmp").mkdir()  # where its new text is written before the rename
+        code, _, err = run_cli(reproduce.main, argv)
+        (out / ".results.md.tmp").rmdir()
+    line = one_error_line(code, err, status=1)
+    assert line.startswith(f"error: Cannot write {failed} ("), line
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert not list(out.glob(".*.tmp"))

@@ -741,3 +741,30 @@ def test_a_torchscript_export_is_named_as_one(tmp_path):
     assert str(error.value) == (
         f"{path} is a TorchScript export of a model, which the commands do not read as "
         f"weights; pass the checkpoint (.pth) it was exported from.")
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+@pytest.mark.parametrize("name, advice", [
+    ("best.pth", "pass one of the run's model-*.pth in {run} instead, or rebuild it by running "
+                 "the run's train.py command again with --resume auto --output-dir {run}."),
+    ("model-3.pth", "pass another of the run's checkpoints in {run} instead (best.pth or "
+                    "another model-*.pth)."),
+    ("interrupted.pth", "pass another of the run's checkpoints in {run} instead (best.pth or "
+                        "another model-*.pth)."),
+    ("jx_vit_base_patch16_224_in21k-e5005f0a.pth", "download it again."),
+    ("model-final.pth", "download it again."),  # no epoch checkpoint's name: not the run's
+])
+def test_a_damaged_file_says_what_to_do_instead(tmp_path, name, advice, damage):
+    # A checkpoint a training run wrote cannot be downloaded again; the run's others can
+    # stand in for it.
+    run = tmp_path / "run"
+    run.mkdir()
+    path = run / name
+    _valid_file(path)
+    path.write_bytes(b"" if damage == "empty" else path.read_bytes()[:1000])
+    with pytest.raises(WeightsError) as error:
+        read_weights(path)
+    message = str(error.value)
+    assert message.startswith(f"Weights file {path} is empty; " if damage == "empty" else
+                              f"{path} is not a readable ")
+    assert message.endswith(advice.format(run=run)), message
