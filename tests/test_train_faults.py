@@ -295,6 +295,18 @@ def test_disk_full_on_a_real_tmpfs_stops_the_run(data, tmp_path):
         subprocess.run(["umount", "-l", str(disk)], check=False)  # -l: even if a file is open
 
 
+def test_a_full_disk_while_claiming_the_folder_is_one_line_and_leaves_no_lock(data, tmp_path,
+                                                                              monkeypatch):
+    def full_disk(*args):  # the lock file is made; writing the pid into it fails
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full_disk)
+    code, _, err = run_cli(train.main, args_for(data, tmp_path))
+    line = one_error_line(code, err, status=1)
+    assert str(tmp_path / "out" / LOCK_FILE) in line and os.strerror(errno.ENOSPC) in line, line
+    assert not (tmp_path / "out").exists()  # no lock file, and so no folder, left behind
+
+
 # --------------------------------------------------------------------------- two runs
 
 def test_a_second_run_into_a_folder_in_use_is_refused(data, tmp_path):
