@@ -44,7 +44,9 @@ from checkpoints import (
     lock_run_folder,
     make_checkpoint,
     newest_epoch_checkpoint,
+    paths_in_the_way,
     prune_checkpoints,
+    read_resumable,
     read_train_args,
     remove_temporary_files,
     restore_best,
@@ -100,6 +102,7 @@ DEMO_DATA = Path("demo_data") / FLOWERS_DIR
 DEMO_SETTINGS = dict(data_path=str(DEMO_DATA), model_name="vit_demo_patch8_64", weights="",
                      freeze_layers=False, batch_size=16, lr=0.05, device="cpu")
 ATTENTION_IMAGES = 4  # validation images whose attention rollout TensorBoard shows each epoch
+DEFAULT_LOG_DIR = "runs"  # --log-dir; None there means not given (a resumed run keeps its own)
 
 
 def str_to_bool(text: str) -> bool:
@@ -140,9 +143,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_device_flag(parser)
     parser.add_argument("--output-dir", default=f"./{DEFAULT_OUTPUT_DIR}",
                         help="where checkpoints and class_indices.json go (default: %(default)s)")
-    parser.add_argument("--log-dir", default="runs",
-                        help="TensorBoard log folder; each run gets a dated sub-folder "
-                             "(default: %(default)s)")
+    parser.add_argument("--log-dir", default=None,
+                        help=f"TensorBoard log folder; each run gets a dated sub-folder "
+                             f"(default: {DEFAULT_LOG_DIR}). A resumed run goes on in its own "
+                             f"sub-folder, or in one of that name here when --log-dir is given")
     parser.add_argument("--img-size", type=int, default=None,
                         help="input size in pixels (default: the model's, 224); pretrained "
                              "position embeddings are resampled to fit")
@@ -210,7 +214,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     runs = parser.add_argument_group("never lose a run")
     runs.add_argument("--resume", default=None, metavar="CKPT",
                       help="continue from a model-*.pth; 'auto' takes the newest in "
-                           "--output-dir (and starts fresh when there is none). Give the "
+                           "--output-dir (and starts fresh in a folder with no checkpoint at "
+                           "all). Give the "
                            "command of the run: another --freeze-layers or --opt is refused; "
                            "the model, --img-size, --drop-path, --lr, --momentum and --wd "
                            "are the checkpoint's (a note says when they differ)")
@@ -244,6 +249,11 @@ def add_recipe_options(parser: argparse.ArgumentParser) -> None:
                              "evaluate.py do (default: off, as the reproduced repository)")
 
 
+def log_root(args: argparse.Namespace) -> str:
+    """--log-dir, or its default where it was not given."""
+    return DEFAULT_LOG_DIR if args.log_dir is None else args.log_dir
+
+
 def given_options(argv: list[str] | None) -> set[str]:
     """The options typed on the command line, even those typed at their default value."""
     probe = get_args_parser()
@@ -275,7 +285,7 @@ def train(args: argparse.Namespace) -> int:
         model = build_or_resume_model(args, split, resume, setup)
         train_loader, val_loader = build_loaders(args, split, model, setup)
         optimisation = build_optimisation(args, model, setup, resumed=resume is not None)
-        progress = start_or_resume(args, resume, optimisation)
+        progress = start_or_resume(args, resume, optimisation, setup.log)
         del resume  # its tensors are in the model and the optimizer now; free the copies
         wrappers = wrap_for_training(model, args, setup, optimisation.settings)
         wrappers.frozen_head = choose_training_paths(args, model, setup, wrappers)
@@ -313,7 +323,7 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserError(f"--img-size {args.img_size} is not a multiple of "
                             f"{args.model_name}'s {patch} px patches; try {nearest}.")
     data = Path(args.data_path).resolve()
-    for flag, folder in (("--output-dir", args.output_dir), ("--log-dir", args.log_dir)):
+    for flag, folder in (("--output-dir", args.output_dir), ("--log-dir", log_root(args))):
         if not folder:
             raise UserError(f"{flag} is empty; name a folder ('.' for this one).")
         in_the_way = next((p for p in (Path(folder), *Path(folder).parents)
@@ -325,6 +335,11 @@ def check_args(args: argparse.Namespace) -> None:
         if data.is_dir() and Path(folder).resolve().is_relative_to(data):
             raise UserError(f"{flag} {folder} is inside --data-path {args.data_path}, where "
                             f"every folder is a class; pass a folder outside it.")
+    in_the_way = paths_in_the_way(args.output_dir)
+    if in_the_way:  # else the run would fail writing there, maybe epochs later
+        raise UserError(f"--output-dir {args.output_dir}: {in_the_way[0]} is not a file but "
+                        f"stands where the run writes one; move it away or pass another "
+                        f"--output-dir.")
     earlier_demo_run(args)  # refuses an --output-dir that holds another run
 
 
@@ -336,22 +351,29 @@ def earlier_demo_run(args: argparse.Namespace) -> list[Path]:
     own epochs' checkpoints and leave the rest, and a later --resume auto would continue the
     old run. A demo run is the exception because it is a toy, remade in a minute: `python
     train.py --demo` twice, or the demo and then a real run, both write into ./weights.
+    --resume auto is refused too where the folder holds best.pth (or interrupted.pth) but no
+    epoch checkpoint: it would start afresh and replace them.
     """
     output_dir = Path(args.output_dir)
-    if args.resume == "auto" or (
-            args.resume and Path(args.resume).resolve().parent == output_dir.resolve()):
+    found, epochs = run_files(output_dir), epoch_checkpoints(output_dir)
+    if args.resume == "auto":
+        if found and not epochs:  # "no checkpoint; starting fresh" would replace best.pth
+            raise UserError(f"--resume auto: --output-dir {output_dir} holds {found[0].name} "
+                            f"but no {EPOCH_FILES} to continue from; pass another --output-dir "
+                            f"to start a new run (--weights {found[0]} fine-tunes from it).")
         return []
-    found = run_files(output_dir)
+    if args.resume and Path(args.resume).resolve().parent == output_dir.resolve():
+        return []
     if all(read_train_args(path).get("demo") is True for path in found):
         return found
     names = [path.name for path in found if path.name in (BEST_FILE, INTERRUPTED_FILE)]
-    epochs = epoch_checkpoints(output_dir)
     if epochs:
         first, last = epochs[0][1].name, epochs[-1][1].name
         names.append(first if len(epochs) == 1 else f"{first} ... {last}")
+    continue_it = "continue it with --resume auto, or " if epochs else ""
     raise UserError(f"--output-dir {output_dir} already holds a training run "
-                    f"({', '.join(names)}); continue it with --resume auto, or pass another "
-                    f"--output-dir to start a new one.")
+                    f"({', '.join(names)}); {continue_it}pass another --output-dir to start a "
+                    f"new one.")
 
 
 def range_problems(args: argparse.Namespace) -> list[str]:
@@ -469,7 +491,7 @@ def claim_output_dir(args: argparse.Namespace, setup: Setup) -> Iterator[None]:
     if not setup.dist_info.is_main:
         yield
         return
-    folders = {"--output-dir": Path(args.output_dir), "--log-dir": Path(args.log_dir)}
+    folders = {"--output-dir": Path(args.output_dir), "--log-dir": Path(log_root(args))}
     created = [folder for folder in folders.values() if not folder.exists()]
     try:
         for flag, folder in folders.items():
@@ -482,6 +504,12 @@ def claim_output_dir(args: argparse.Namespace, setup: Setup) -> Iterator[None]:
             for path in remove_temporary_files(args.output_dir):
                 setup.log(f"note: removed {path}, left by a write that was interrupted.")
             replace_demo_run(args, setup.log)
+            # Before this run prunes anything: a run killed between writing its best epoch's
+            # checkpoint and best.pth left the best weights in that checkpoint only.
+            rebuilt_from = restore_best(args.output_dir)
+            if rebuilt_from is not None:
+                setup.log(f"note: {Path(args.output_dir) / BEST_FILE} was missing or older than "
+                          f"the best epoch; copied {rebuilt_from} to it.")
             yield
     except (ProjectError, KeyboardInterrupt):
         leave_no_trace(created)  # once the lock's file is gone with the lock
@@ -541,10 +569,11 @@ def newest_readable_checkpoint(folder: str, log=print
     (and overwritten when the run gets to its epoch again)."""
     found = epoch_checkpoints(folder)
     for _, path in reversed(found):
-        try:
-            return path, load_resumable(path)
-        except UserError as err:
-            log(f"note: passing over {path}: {err}")
+        checkpoint, (why_not, _) = read_resumable(path)
+        if checkpoint is not None:
+            return path, checkpoint
+        log(f"note: --resume auto is passing over {path}, which {why_not}; the run goes on "
+            f"from the newest epoch checkpoint that loads.")
     if found:
         raise UserError(f"--resume auto: none of the {len(found)} epoch checkpoints in {folder} "
                         f"can be read; pass another --output-dir to start a new run.")
@@ -765,17 +794,34 @@ class Progress:
 
 
 def start_or_resume(args: argparse.Namespace, resume: Checkpoint | None,
-                    optimisation: Optimisation) -> Progress:
+                    optimisation: Optimisation, log=print) -> Progress:
     """Epoch 0 in a new TensorBoard folder, or the resumed run's next epoch and state."""
-    log_dir = Path(args.log_dir) / time.strftime("%Y%m%d-%H%M%S")
-    while log_dir.exists():  # two runs started in the same second get folders of their own
-        log_dir = log_dir.with_name(log_dir.name + "-")
     if resume is None:
-        return Progress(0, -1.0, log_dir)
+        return Progress(0, -1.0, new_log_dir(Path(log_root(args))))
     restore_training_state(resume, optimisation.optimizer, optimisation.scheduler,
                            optimisation.settings.scaler)
-    # The curves go on in the resumed run's folder.
-    return Progress(resume.epoch + 1, resume.best_acc, Path(resume.log_dir or log_dir))
+    return Progress(resume.epoch + 1, resume.best_acc, resumed_log_dir(args, resume, log))
+
+
+def new_log_dir(root: Path) -> Path:
+    """A dated sub-folder of root that no run has yet."""
+    log_dir = root / time.strftime("%Y%m%d-%H%M%S")
+    while log_dir.exists():  # two runs started in the same second get folders of their own
+        log_dir = log_dir.with_name(log_dir.name + "-")
+    return log_dir
+
+
+def resumed_log_dir(args: argparse.Namespace, resume: Checkpoint, log=print) -> Path:
+    """The curves go on in the resumed run's folder; a --log-dir given elsewhere wins (a copied
+    run, or a log disk that filled up), with a sub-folder of the same name there."""
+    if resume.log_dir is None:
+        return new_log_dir(Path(log_root(args)))
+    stored = Path(resume.log_dir)
+    if args.log_dir is None or Path(args.log_dir).resolve() == stored.parent.resolve():
+        return stored
+    moved = Path(args.log_dir) / stored.name
+    log(f"note: the curves go on in {moved} (--log-dir), not in the run's {stored}.")
+    return moved
 
 
 # --------------------------------------------------------------------------- wrappers
@@ -996,13 +1042,11 @@ class RunOutputs:
                              f"{last or 'none'}.") from None
 
     def finish(self) -> None:
-        """Wait for every write; then best.pth holds the best epoch, even after a kill."""
+        """Wait for every write; then --keep's pruning, also where a resumed run had no epoch
+        left to train (claim_output_dir made best.pth right before)."""
         with self.stop_on_failed_write():
             self.saver.wait()
-            rebuilt_from = restore_best(self.output_dir)
-        if rebuilt_from is not None:
-            print(f"note: {self.output_dir / BEST_FILE} was missing or older than the best "
-                  f"epoch; copied {rebuilt_from} to it.")
+            prune_checkpoints(self.output_dir, self.keep)
 
     def save_interrupted(self, checkpoint: Checkpoint) -> Path:
         self.saver.wait()
@@ -1064,7 +1108,7 @@ def run_epochs(args: argparse.Namespace, setup: Setup, split: Split, wrappers: W
         shut_down(setup.dist_info)
     setup.log(f"Best validation accuracy {progress.best_acc:.4f}; checkpoints in "
               f"{Path(args.output_dir)}, curves in {progress.log_dir} (tensorboard --logdir "
-              f"{args.log_dir}).")
+              f"{progress.log_dir.parent}).")
     return 0
 
 

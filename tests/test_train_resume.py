@@ -55,7 +55,11 @@ def test_resume_continues_the_schedule_and_files(demo_flowers, tmp_path):
     resumed, whole = load(part / "weights" / "model-2.pth"), load(full / "weights" / "model-2.pth")
     assert resumed["metrics"]["train_loss"] == pytest.approx(whole["metrics"]["train_loss"],
                                                             rel=1e-4)
-    assert resumed["log_dir"] == load(part / "weights" / "model-0.pth")["log_dir"]
+    # The copy is resumed with its own --log-dir: its curves go on there, in a folder named as
+    # the run's (copied along with it), not in the original run's folder.
+    original = Path(load(part / "weights" / "model-0.pth")["log_dir"])
+    assert original.parent == full / "runs"
+    assert resumed["log_dir"] == str(part / "runs" / original.name)
 
 
 def test_with_loader_workers_a_resumed_run_is_the_uninterrupted_run(demo_flowers, tmp_path):
