@@ -13,7 +13,9 @@ import contextlib
 import functools
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -934,6 +936,44 @@ def epoch_metrics(train_stats: EpochStats, val_stats: EpochStats, lr: float,
     return metrics
 
 
+class TensorBoard:
+    """TensorBoard's writer, used on the checkpoint writer's thread only.
+
+    A failed write (a full --log-dir disk) is one warning, and the run goes on without curves:
+    the checkpoints hold every epoch's metrics, and stopping would cost the rest of the run
+    (or, at the end, its last epoch) for a log that can be drawn again from them.
+    """
+
+    def __init__(self, log_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # heavy; only when training
+
+        self.log_dir = log_dir
+        with writing(log_dir):  # before the first epoch nothing is lost: an error, exit 1
+            self.writer = SummaryWriter(log_dir=str(log_dir))
+        self.failed = False
+
+    def write(self, method: str, *args, **kwargs) -> None:
+        """self.writer.method(*args, **kwargs), unless a write failed before."""
+        if self.failed:
+            return
+        try:
+            getattr(self.writer, method)(*args, **kwargs)
+        except OSError as err:
+            self.failed = True
+            print(f"warning: TensorBoard cannot write to {self.log_dir} ({err.strerror or err}); "
+                  f"training goes on without curves (each checkpoint holds its epoch's "
+                  f"metrics).", flush=True)
+            with contextlib.suppress(OSError):
+                self.writer.close()
+
+    def add_scalars(self, metrics: dict[str, float], epoch: int) -> None:
+        for tag, value in metrics.items():
+            self.write("add_scalar", tag, value, epoch)
+
+    def close(self) -> None:
+        self.write("close")
+
+
 class RunOutputs:
     """What rank 0 writes: class_indices.json, the checkpoints and TensorBoard's curves.
 
@@ -949,9 +989,7 @@ class RunOutputs:
         make_output_dir(log_dir, "--log-dir")
         # claim_output_dir made the output folder.
         write_class_indices(split.class_names, self.output_dir / CLASS_INDICES_FILE)
-        from torch.utils.tensorboard import SummaryWriter  # heavy; only when training
-
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+        self.tensorboard = TensorBoard(log_dir)
         self.saver = CheckpointWriter()
         # The validation images whose attention TensorBoard shows each epoch: spread over the
         # split, which lists the classes in order, so most classes are among them.
@@ -982,6 +1020,8 @@ class RunOutputs:
         With --freeze-layers the blocks never change, and neither does their attention: it
         is computed and drawn once, and the same picture is logged for every epoch.
         """
+        if self.tensorboard.failed:
+            return
         if self.attention_picture is None:
             batch = self.attention_images(model.image_size)
             was_training = model.training
@@ -1003,23 +1043,31 @@ class RunOutputs:
         else:
             picture = self.attention_picture
         # Chained on the writer's thread (it runs its tasks in order), after the drawing.
-        self.saver.run(lambda: self.writer.add_image("attention_rollout", picture.result(),
-                                                     epoch, dataformats="HWC"))
+        self.saver.run(lambda: self.tensorboard.write("add_image", "attention_rollout",
+                                                      picture.result(), epoch,
+                                                      dataformats="HWC"))
 
-    def epoch_done(self, epoch: int, metrics: dict, confusion: torch.Tensor,
-                   checkpoint: Checkpoint, is_best: bool) -> None:
-        for tag, value in metrics.items():
-            self.writer.add_scalar(tag, value, epoch)
-        figure = plot_confusion_matrix(confusion, self.class_names, f"Validation, epoch {epoch}")
-        # Rendering takes a few tenths of a second: off the training thread.
-        self.saver.run(functools.partial(self.writer.add_figure, "confusion_matrix", figure,
-                                         epoch))
-        paths = [self.output_dir / epoch_file(epoch)]
+    def save_epoch(self, checkpoint: Checkpoint, is_best: bool) -> None:
+        """Queue the epoch's checkpoint (and best.pth), ahead of its curves: what may fail
+        there must not keep the epoch from being saved."""
+        paths = [self.output_dir / epoch_file(checkpoint.epoch)]
         if is_best:
             paths.append(self.output_dir / BEST_FILE)
         with self.stop_on_failed_write():
             self.saver.save(checkpoint, paths, after=self.epoch_saved)
-        self.saver.run(self.writer.flush)
+
+    def log_epoch(self, epoch: int, metrics: dict, confusion: torch.Tensor,
+                  model: VisionTransformer, device: torch.device) -> None:
+        """The epoch's curves, confusion matrix and attention rollout, on the writer's thread."""
+        if self.tensorboard.failed:
+            return
+        self.saver.run(functools.partial(self.tensorboard.add_scalars, metrics, epoch))
+        figure = plot_confusion_matrix(confusion, self.class_names, f"Validation, epoch {epoch}")
+        # Rendering takes a few tenths of a second: off the training thread.
+        self.saver.run(functools.partial(self.tensorboard.write, "add_figure",
+                                         "confusion_matrix", figure, epoch))
+        self.attention_rollout(epoch, model, device)
+        self.saver.run(functools.partial(self.tensorboard.write, "flush"))
 
     def epoch_saved(self) -> None:
         """On the writer's thread, once an epoch checkpoint is on disk: --keep's pruning, and
@@ -1055,16 +1103,89 @@ class RunOutputs:
         return path
 
     def close(self) -> None:
-        """Stop the writers; what failed was raised by finish() or epoch_done() already."""
+        """Stop the writers; what failed was raised by finish() or save_epoch() already."""
         with contextlib.suppress(WriteError):
             self.saver.close()
-        self.writer.close()
+        self.tensorboard.close()
+
+
+# --------------------------------------------------------------------------- stopping
+
+# The exit status after SIGTERM, as a shell reports a process that it ended (128 + 15).
+TERMINATED_STATUS = 128 + signal.SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (Slurm, docker stop, systemd, `timeout`): the run stops as at Ctrl-C.
+
+    A KeyboardInterrupt, so that what handles Ctrl-C handles it too: run_epochs saves
+    interrupted.pth, claim_output_dir cleans up, and DataLoader workers exit quietly.
+    """
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+def _ignore(signum: int, frame: object) -> None:
+    pass
+
+
+@contextlib.contextmanager
+def handling_signals(signals: tuple[int, ...], handler: Callable,
+                     replacing: tuple) -> Iterator[None]:
+    """handler for each of signals while the block runs, where the signal's handler now is one
+    of `replacing`; the previous handler after. Others are left alone: a caller's own (e.g.
+    benchmark.py's), SIG_IGN (nohup), and all of them off the main thread, which cannot set
+    handlers."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in signals:
+            if signal.getsignal(signum) in replacing:
+                previous[signum] = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        for signum, handler_before in previous.items():
+            signal.signal(signum, handler_before)
+
+
+def sigterm_as_ctrl_c() -> contextlib.AbstractContextManager:
+    """SIGTERM raises Terminated; by default it would end the process with nothing saved."""
+    return handling_signals((signal.SIGTERM,), _raise_terminated, replacing=(signal.SIG_DFL,))
+
+
+def no_second_stop() -> contextlib.AbstractContextManager:
+    """Ctrl-C or SIGTERM again is ignored while the stopped run saves and says how to go on:
+    a double press would cost interrupted.pth and the resume hint. (SIGKILL still ends it.)"""
+    return handling_signals((signal.SIGINT, signal.SIGTERM), _ignore,
+                    replacing=(signal.default_int_handler, _raise_terminated))
+
+
+def stop_run(args: argparse.Namespace, split: Split, model: VisionTransformer, epoch: int,
+             outputs: RunOutputs | None, stop: KeyboardInterrupt) -> int:
+    """After Ctrl-C or SIGTERM in epoch `epoch`: rank 0 saves interrupted.pth and says how to
+    continue; the exit status is 130 or 143."""
+    status, how = ((TERMINATED_STATUS, "Stopped by SIGTERM") if isinstance(stop, Terminated)
+                   else (INTERRUPTED_STATUS, "Interrupted"))
+    if outputs is not None:
+        path = outputs.save_interrupted(make_checkpoint(
+            model, args.model_name, split.class_names, dict(vars(args)), epoch - 1, {},
+            interrupted_in_epoch=epoch))
+        outputs.finish()
+        # A command that has --resume auto already (reproduce.py's) continues as it is.
+        again = ("run the same command again to continue" if args.resume == "auto" else
+                 "continue the run with the same command and --resume auto")
+        print(f"\n{how} in epoch {epoch}. The weights at that moment are in {path}; "
+              f"{again} (from the last complete epoch).", file=sys.stderr)
+    return status
 
 
 def run_epochs(args: argparse.Namespace, setup: Setup, split: Split, wrappers: Wrappers,
                loaders: tuple, optimisation: Optimisation, progress: Progress,
                outputs: RunOutputs | None) -> int:
-    """Train and validate each epoch; rank 0 logs and saves it. Ctrl-C saves and exits 130."""
+    """Train and validate each epoch; rank 0 logs and saves it. Ctrl-C saves and exits 130,
+    SIGTERM the same with 143."""
     model = wrappers.model
     feature_cache = FeatureCache() if args.freeze_layers and args.cache_val_features else None
     epoch = progress.start_epoch
@@ -1085,42 +1206,40 @@ def run_epochs(args: argparse.Namespace, setup: Setup, split: Split, wrappers: W
                 samples={"train": train_stats.samples, "val": val_stats.samples},
                 **training_state(optimisation.optimizer, optimisation.scheduler,
                                  optimisation.settings.scaler))
-            outputs.attention_rollout(epoch, model, setup.device)
-            outputs.epoch_done(epoch, metrics, val_stats.confusion, checkpoint, is_best)
+            outputs.save_epoch(checkpoint, is_best)
+            outputs.log_epoch(epoch, metrics, val_stats.confusion, model, setup.device)
         if outputs is not None:
             outputs.finish()
             outputs.remove_interrupted()  # also when a resumed run had no epoch left to train
-    except KeyboardInterrupt:
-        if outputs is not None:
-            path = outputs.save_interrupted(make_checkpoint(
-                model, args.model_name, split.class_names, dict(vars(args)), epoch - 1, {},
-                interrupted_in_epoch=epoch))
-            outputs.finish()
-            # A command that has --resume auto already (reproduce.py's) continues as it is.
-            again = ("run the same command again to continue" if args.resume == "auto" else
-                     "continue the run with the same command and --resume auto")
-            print(f"\nInterrupted in epoch {epoch}. The weights at that moment are in {path}; "
-                  f"{again} (from the last complete epoch).", file=sys.stderr)
-        return INTERRUPTED_STATUS
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (Terminated)
+        with no_second_stop():
+            return stop_run(args, split, model, epoch, outputs, stop)
     finally:
         if outputs is not None:
             outputs.close()
         shut_down(setup.dist_info)
+    curves = ("no curves (TensorBoard failed)" if outputs is not None and
+              outputs.tensorboard.failed else f"curves in {progress.log_dir} (tensorboard "
+                                                 f"--logdir {progress.log_dir.parent})")
     setup.log(f"Best validation accuracy {progress.best_acc:.4f}; checkpoints in "
-              f"{Path(args.output_dir)}, curves in {progress.log_dir} (tensorboard --logdir "
-              f"{progress.log_dir.parent}).")
+              f"{Path(args.output_dir)}, {curves}.")
     return 0
 
 
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
-    if args.demo:
-        apply_demo_settings(args, given_options(argv))
-    return train(args)
+    try:
+        if args.demo:
+            apply_demo_settings(args, given_options(argv))
+        return train(args)
+    except Terminated:  # before the epochs began, or on a rank that saves nothing
+        print("\nTerminated.", file=sys.stderr)
+        return TERMINATED_STATUS
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    return run_main(functools.partial(run, argv=argv), args)
+    with sigterm_as_ctrl_c():
+        return run_main(functools.partial(run, argv=argv), args)
 
 
 if __name__ == "__main__":

@@ -382,6 +382,30 @@ def test_disk_full_on_a_real_tmpfs_stops_the_run(data, tmp_path):
         subprocess.run(["umount", "-l", str(disk)], check=False)  # -l: even if a file is open
 
 
+@pytest.mark.parametrize("failing", ["add_scalar", "flush"])
+def test_a_full_log_disk_costs_the_curves_not_an_epoch(data, tmp_path, monkeypatch, failing):
+    from torch.utils.tensorboard import SummaryWriter
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    real_close = SummaryWriter.close
+
+    def close_on_a_full_disk(writer):
+        real_close(writer)
+        full_disk()
+
+    monkeypatch.setattr(SummaryWriter, failing, full_disk)
+    monkeypatch.setattr(SummaryWriter, "close", close_on_a_full_disk)  # fails again at the end
+    code, text, err = run_cli(train.main, args_for(data, tmp_path, "--epochs", "2"))
+    assert code == 0 and "Traceback" not in err, err
+    warnings = [line for line in text.splitlines() if "TensorBoard cannot" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning:"), text
+    assert str(tmp_path / "logs") in warnings[0] and os.strerror(errno.ENOSPC) in warnings[0]
+    assert [load(path)["epoch"] for _, path in epoch_checkpoints(tmp_path / "out")] == [0, 1]
+    assert "no curves" in text.splitlines()[-1]
+
+
 def test_a_full_disk_while_claiming_the_folder_is_one_line_and_leaves_no_lock(data, tmp_path,
                                                                               monkeypatch):
     def full_disk(*args):  # the lock file is made; writing the pid into it fails

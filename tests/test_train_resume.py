@@ -234,3 +234,56 @@ def test_sigint_saves_and_exits_cleanly(demo_flowers, tmp_path):
     assert train.main([*args, "--resume", "auto", "--batch-size", "25"]) == 0
     assert epochs_in(tmp_path / "weights") == [0, 1, 2]
     assert not (tmp_path / "weights" / "interrupted.pth").exists()
+
+
+def test_sigterm_saves_as_ctrl_c_does_and_exits_143(demo_flowers, tmp_path):
+    # What Slurm, docker stop, systemd and `timeout` send.
+    args = train_argv(demo_flowers, tmp_path, epochs=3, batch_size=2)
+    proc = _start(args, tmp_path)
+    _wait_for(tmp_path / "weights" / "model-0.pth", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    assert "Stopped by SIGTERM in epoch" in err and "--resume auto" in err, err
+    interrupted = load(tmp_path / "weights" / "interrupted.pth")
+    assert interrupted["class_names"] and "model" in interrupted
+    assert load(tmp_path / "weights" / "model-0.pth")["epoch"] == 0
+
+
+@pytest.fixture
+def python_ctrl_c():
+    """Python's own Ctrl-C handler in this process, even where pytest started with SIGINT
+    ignored (nohup ... &); put back after."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_a_second_ctrl_c_while_saving_keeps_the_save_and_the_resume_hint(
+        demo_flowers, tmp_path, monkeypatch, python_ctrl_c):
+    real_epoch, real_save = train.train_and_validate, torch.save
+
+    def ctrl_c_in_epoch_1(epoch, *args):
+        if epoch == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_epoch(epoch, *args)
+
+    def ctrl_c_again_while_saving(obj, path, *args, **kwargs):  # a double press
+        if Path(path).name == ".interrupted.pth.tmp":
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(train, "train_and_validate", ctrl_c_in_epoch_1)
+    monkeypatch.setattr(torch, "save", ctrl_c_again_while_saving)
+    sigterm_before = signal.getsignal(signal.SIGTERM)
+    code, _, err = run_cli(train.main, train_argv(demo_flowers, tmp_path, epochs=3))
+    assert code == 130, err
+    assert "Interrupted in epoch 1" in err and "--resume auto" in err, err
+    assert "Traceback" not in err
+    assert load(tmp_path / "weights" / "interrupted.pth")["interrupted_in_epoch"] == 1
+    # main() puts back the handlers it found: tests, reproduce.py and benchmark.py call it.
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) == sigterm_before
