@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from checkpoints import (
     BEST_FILE,
@@ -960,9 +961,11 @@ class TensorBoard:
             getattr(self.writer, method)(*args, **kwargs)
         except OSError as err:
             self.failed = True
-            print(f"warning: TensorBoard cannot write to {self.log_dir} ({err.strerror or err}); "
-                  f"training goes on without curves (each checkpoint holds its epoch's "
-                  f"metrics).", flush=True)
+            # On this thread while the next epoch's progress bar is drawn: tqdm.write puts the
+            # line above the bar, not in the middle of it.
+            tqdm.write(f"warning: TensorBoard cannot write to {self.log_dir} "
+                       f"({err.strerror or err}); training goes on without curves (each "
+                       f"checkpoint holds its epoch's metrics).", file=sys.stdout)
             with contextlib.suppress(OSError):
                 self.writer.close()
 
