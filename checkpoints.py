@@ -86,7 +86,9 @@ class Checkpoint:
     lr_scheduler: dict | None = None
     scaler: dict | None = None
     rng_states: dict | None = None
-    log_dir: str | None = None          # the TensorBoard run folder; a resumed run goes on in it
+    # The TensorBoard run folder; a resumed run goes on in it (or, given another --log-dir,
+    # in a folder of its name there).
+    log_dir: str | None = None
     samples: dict[str, int] | None = None  # {"train": n, "val": n} images seen in the epoch
     interrupted_in_epoch: int | None = None  # interrupted.pth: the epoch Ctrl-C stopped
     source_format: str | None = None    # convert.py: the format the weights came from
@@ -312,33 +314,45 @@ def read_train_args(path: str | Path) -> dict:
     return dict(checkpoint.args) if checkpoint is not None else {}
 
 
-def load_resumable(path: Path) -> Checkpoint:
-    """An epoch checkpoint to continue training from, read whole onto the CPU."""
+def read_resumable(path: Path) -> tuple[Checkpoint | None, tuple[str, str]]:
+    """(the epoch checkpoint in path, read whole onto the CPU to continue training from,
+    ("", "")), or for a file that is none: (None, (why not, what to pass as --resume
+    instead))."""
     if is_torchscript_file(path):  # which torch.load would refuse with a warning
-        raise UserError(f"--resume {path} is a TorchScript export, which holds no training "
-                        f"state; pass the run's newest {EPOCH_FILES}.")
+        return None, ("is a TorchScript export, which holds no training state",
+                      f"pass the run's newest {EPOCH_FILES}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except UNREADABLE_TORCH_FILE as err:  # a truncated file, or not a checkpoint at all
-        raise UserError(f"--resume {path} cannot be read ({type(err).__name__}); pick an "
-                        f"earlier {EPOCH_FILES}.") from None
+        return None, (f"cannot be read ({type(err).__name__})", f"pick an earlier {EPOCH_FILES}")
     checkpoint = Checkpoint.from_dict(obj) if is_project_checkpoint(obj) else None
     if checkpoint is None or not checkpoint.resumable:
-        raise UserError(f"{path} is not an epoch checkpoint of train.py (it has no optimizer "
-                        f"state); use it as --weights to fine-tune from it instead.")
+        return None, ("is not an epoch checkpoint of train.py (it has no optimizer state)",
+                      "use it as --weights to fine-tune from it instead")
+    return checkpoint, ("", "")
+
+
+def load_resumable(path: Path) -> Checkpoint:
+    """The epoch checkpoint that --resume names; a UserError for a file that is none."""
+    checkpoint, (why_not, instead) = read_resumable(path)
+    if checkpoint is None:
+        raise UserError(f"--resume {path} {why_not}; {instead}.")
     return checkpoint
 
 
 # --------------------------------------------------------------------------- a run's folder
 
 def epoch_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
-    """(epoch, path) of every model-{epoch}.pth in folder, oldest first."""
+    """(epoch, path) of every model-{epoch}.pth file in folder, oldest first. (A folder of
+    that name is none: paths_in_the_way finds it.)"""
     found = []
     for path in Path(folder).glob(EPOCH_FILES):
         try:
-            found.append((int(path.stem.removeprefix(_EPOCH_PREFIX)), path))
+            epoch = int(path.stem.removeprefix(_EPOCH_PREFIX))
         except ValueError:
             continue
+        if path.is_file():
+            found.append((epoch, path))
     return sorted(found)
 
 
@@ -363,13 +377,55 @@ def run_files(folder: str | Path) -> list[Path]:
     return named + [path for _, path in epoch_checkpoints(folder)]
 
 
+def paths_in_the_way(folder: str | Path) -> list[Path]:
+    """What stands in folder where a training run writes a file but is no file (a folder
+    named model-3.pth): found before the run starts, not when it fails to write there."""
+    folder = Path(folder)
+    fixed = [folder / name for name in (BEST_FILE, INTERRUPTED_FILE, CLASS_INDICES_FILE,
+                                        LOCK_FILE)]
+    written = [*fixed, *folder.glob(EPOCH_FILES), *folder.glob(".*.tmp")]  # .tmp: atomic writes
+    return [path for path in written if path.exists() and not path.is_file()]
+
+
+def unsaved_best(folder: str | Path) -> Path | None:
+    """The epoch checkpoint whose weights best.pth should hold but does not, else None.
+
+    The best epoch is the highest val_acc (ties: the earliest, as training picks it). best.pth
+    lacks it when a run was killed between writing that epoch's checkpoint and best.pth, or
+    when best.pth is damaged; best.pth is right when it is readable and scores at least as well
+    as every epoch checkpoint (with --keep, its own epoch may be gone).
+    """
+    folder = Path(folder)
+    scored = []
+    for epoch, path in epoch_checkpoints(folder):
+        progress = read_progress(path)
+        if progress is not None and "val_acc" in progress[1]:
+            scored.append((progress[1]["val_acc"], -epoch, path))
+    if not scored:
+        return None
+    best_acc, _, source = max(scored)
+    current = read_progress(folder / BEST_FILE)
+    if current is not None and current[1].get("val_acc", -1.0) >= best_acc:
+        return None
+    return source
+
+
 def prune_checkpoints(folder: str | Path, keep: int | None) -> None:
-    """Delete all but the newest `keep` epoch checkpoints; best.pth is never touched."""
+    """Delete all but the newest `keep` epoch checkpoints; best.pth is never touched.
+
+    Nor is unsaved_best(folder): together with restore_best at the start of a resumed run,
+    this keeps the invariant that the best weights so far are always on disk, in best.pth
+    or in an epoch checkpoint (a run killed before best.pth was written, then resumed with
+    --keep, would otherwise prune the only copy).
+    """
     if keep is None:
         return
     found = epoch_checkpoints(folder)
+    spared = unsaved_best(folder)
     for _, path in found[:-keep] if keep > 0 else found:
-        path.unlink(missing_ok=True)
+        if path != spared:
+            with writing(path):
+                path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -384,35 +440,32 @@ def lock_run_folder(folder: str | Path) -> Iterator[None]:
 
     path = Path(folder) / LOCK_FILE
     while True:
-        try:
-            handle = open(path, "a+")  # "a+": the holder's pid stays readable until locked
+        try:  # no O_TRUNC: the holder's pid stays readable until it is locked
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:
             raise _write_error(path, err) from None
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            handle.close()
+            holder = os.read(descriptor, 64).decode(errors="replace").strip() or "unknown"
+            os.close(descriptor)
             raise UserError(f"{folder} is in use by another training run (pid {holder}); wait "
                             f"for it to finish or pass another --output-dir.") from None
         with contextlib.suppress(OSError):
-            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+            if os.stat(path).st_ino == os.fstat(descriptor).st_ino:
                 break
-        handle.close()  # a run that just ended removed the file we locked: lock the new one
+        os.close(descriptor)  # a run that just ended removed the file we locked: lock the new one
     try:
-        handle.truncate(0)
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-    except OSError as err:
-        handle.close()
-        raise _write_error(path, err) from None
-    try:
+        try:  # unbuffered: a full disk fails here, once, not again when the file is closed
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+        except OSError as err:
+            raise _write_error(path, err) from None
         yield
     finally:
         with contextlib.suppress(OSError):
             path.unlink()  # while still locked, so no one locks a file that is going away
-        handle.close()
+        os.close(descriptor)
 
 
 def remove_temporary_files(folder: str | Path) -> list[Path]:
@@ -429,26 +482,10 @@ def remove_temporary_files(folder: str | Path) -> list[Path]:
 
 
 def restore_best(folder: str | Path) -> Path | None:
-    """Make best.pth hold the best epoch checkpoint in folder, by val_acc, if it does not.
-
-    A run killed while writing best.pth leaves none (later epochs may never beat that one),
-    and a file may be damaged. best.pth is kept when it is readable and at least as good as
-    every epoch checkpoint (with --keep, its epoch may be gone). Returns the epoch checkpoint
-    copied, or None when best.pth was right or there is nothing to copy.
-    """
-    folder = Path(folder)
-    scored = []
-    for epoch, path in epoch_checkpoints(folder):
-        progress = read_progress(path)
-        if progress is not None and "val_acc" in progress[1]:
-            scored.append((progress[1]["val_acc"], -epoch, path))  # ties: the earliest epoch
-    if not scored:
-        return None
-    best_acc, _, source = max(scored)
-    current = read_progress(folder / BEST_FILE)
-    if current is not None and current[1].get("val_acc", -1.0) >= best_acc:
-        return None
-    _write_atomically(folder / BEST_FILE, lambda tmp: shutil.copyfile(source, tmp))
+    """Copy unsaved_best(folder), if any, to best.pth; return it (None: best.pth was right)."""
+    source = unsaved_best(folder)
+    if source is not None:
+        _write_atomically(Path(folder) / BEST_FILE, lambda tmp: shutil.copyfile(source, tmp))
     return source
 
 

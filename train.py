@@ -13,7 +13,9 @@ import contextlib
 import functools
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from checkpoints import (
     BEST_FILE,
@@ -44,7 +47,9 @@ from checkpoints import (
     lock_run_folder,
     make_checkpoint,
     newest_epoch_checkpoint,
+    paths_in_the_way,
     prune_checkpoints,
+    read_resumable,
     read_train_args,
     remove_temporary_files,
     restore_best,
@@ -100,6 +105,7 @@ DEMO_DATA = Path("demo_data") / FLOWERS_DIR
 DEMO_SETTINGS = dict(data_path=str(DEMO_DATA), model_name="vit_demo_patch8_64", weights="",
                      freeze_layers=False, batch_size=16, lr=0.05, device="cpu")
 ATTENTION_IMAGES = 4  # validation images whose attention rollout TensorBoard shows each epoch
+DEFAULT_LOG_DIR = "runs"  # --log-dir; None there means not given (a resumed run keeps its own)
 
 
 def str_to_bool(text: str) -> bool:
@@ -140,9 +146,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_device_flag(parser)
     parser.add_argument("--output-dir", default=f"./{DEFAULT_OUTPUT_DIR}",
                         help="where checkpoints and class_indices.json go (default: %(default)s)")
-    parser.add_argument("--log-dir", default="runs",
-                        help="TensorBoard log folder; each run gets a dated sub-folder "
-                             "(default: %(default)s)")
+    parser.add_argument("--log-dir", default=None,
+                        help=f"TensorBoard log folder; each run gets a dated sub-folder "
+                             f"(default: {DEFAULT_LOG_DIR}). A resumed run goes on in its own "
+                             f"sub-folder, or in one of that name here when --log-dir is given")
     parser.add_argument("--img-size", type=int, default=None,
                         help="input size in pixels (default: the model's, 224); pretrained "
                              "position embeddings are resampled to fit")
@@ -210,7 +217,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     runs = parser.add_argument_group("never lose a run")
     runs.add_argument("--resume", default=None, metavar="CKPT",
                       help="continue from a model-*.pth; 'auto' takes the newest in "
-                           "--output-dir (and starts fresh when there is none). Give the "
+                           "--output-dir (and starts fresh in a folder with no checkpoint at "
+                           "all). Give the "
                            "command of the run: another --freeze-layers or --opt is refused; "
                            "the model, --img-size, --drop-path, --lr, --momentum and --wd "
                            "are the checkpoint's (a note says when they differ)")
@@ -244,6 +252,11 @@ def add_recipe_options(parser: argparse.ArgumentParser) -> None:
                              "evaluate.py do (default: off, as the reproduced repository)")
 
 
+def log_root(args: argparse.Namespace) -> str:
+    """--log-dir, or its default where it was not given."""
+    return DEFAULT_LOG_DIR if args.log_dir is None else args.log_dir
+
+
 def given_options(argv: list[str] | None) -> set[str]:
     """The options typed on the command line, even those typed at their default value."""
     probe = get_args_parser()
@@ -275,7 +288,7 @@ def train(args: argparse.Namespace) -> int:
         model = build_or_resume_model(args, split, resume, setup)
         train_loader, val_loader = build_loaders(args, split, model, setup)
         optimisation = build_optimisation(args, model, setup, resumed=resume is not None)
-        progress = start_or_resume(args, resume, optimisation)
+        progress = start_or_resume(args, resume, optimisation, setup.log)
         del resume  # its tensors are in the model and the optimizer now; free the copies
         wrappers = wrap_for_training(model, args, setup, optimisation.settings)
         wrappers.frozen_head = choose_training_paths(args, model, setup, wrappers)
@@ -313,7 +326,7 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserError(f"--img-size {args.img_size} is not a multiple of "
                             f"{args.model_name}'s {patch} px patches; try {nearest}.")
     data = Path(args.data_path).resolve()
-    for flag, folder in (("--output-dir", args.output_dir), ("--log-dir", args.log_dir)):
+    for flag, folder in (("--output-dir", args.output_dir), ("--log-dir", log_root(args))):
         if not folder:
             raise UserError(f"{flag} is empty; name a folder ('.' for this one).")
         in_the_way = next((p for p in (Path(folder), *Path(folder).parents)
@@ -325,6 +338,11 @@ def check_args(args: argparse.Namespace) -> None:
         if data.is_dir() and Path(folder).resolve().is_relative_to(data):
             raise UserError(f"{flag} {folder} is inside --data-path {args.data_path}, where "
                             f"every folder is a class; pass a folder outside it.")
+    in_the_way = paths_in_the_way(args.output_dir)
+    if in_the_way:  # else the run would fail writing there, maybe epochs later
+        raise UserError(f"--output-dir {args.output_dir}: {in_the_way[0]} is not a file but "
+                        f"stands where the run writes one; move it away or pass another "
+                        f"--output-dir.")
     earlier_demo_run(args)  # refuses an --output-dir that holds another run
 
 
@@ -336,22 +354,29 @@ def earlier_demo_run(args: argparse.Namespace) -> list[Path]:
     own epochs' checkpoints and leave the rest, and a later --resume auto would continue the
     old run. A demo run is the exception because it is a toy, remade in a minute: `python
     train.py --demo` twice, or the demo and then a real run, both write into ./weights.
+    --resume auto is refused too where the folder holds best.pth (or interrupted.pth) but no
+    epoch checkpoint: it would start afresh and replace them.
     """
     output_dir = Path(args.output_dir)
-    if args.resume == "auto" or (
-            args.resume and Path(args.resume).resolve().parent == output_dir.resolve()):
+    found, epochs = run_files(output_dir), epoch_checkpoints(output_dir)
+    if args.resume == "auto":
+        if found and not epochs:  # "no checkpoint; starting fresh" would replace best.pth
+            raise UserError(f"--resume auto: --output-dir {output_dir} holds {found[0].name} "
+                            f"but no {EPOCH_FILES} to continue from; pass another --output-dir "
+                            f"to start a new run (--weights {found[0]} fine-tunes from it).")
         return []
-    found = run_files(output_dir)
+    if args.resume and Path(args.resume).resolve().parent == output_dir.resolve():
+        return []
     if all(read_train_args(path).get("demo") is True for path in found):
         return found
     names = [path.name for path in found if path.name in (BEST_FILE, INTERRUPTED_FILE)]
-    epochs = epoch_checkpoints(output_dir)
     if epochs:
         first, last = epochs[0][1].name, epochs[-1][1].name
         names.append(first if len(epochs) == 1 else f"{first} ... {last}")
+    continue_it = "continue it with --resume auto, or " if epochs else ""
     raise UserError(f"--output-dir {output_dir} already holds a training run "
-                    f"({', '.join(names)}); continue it with --resume auto, or pass another "
-                    f"--output-dir to start a new one.")
+                    f"({', '.join(names)}); {continue_it}pass another --output-dir to start a "
+                    f"new one.")
 
 
 def range_problems(args: argparse.Namespace) -> list[str]:
@@ -469,7 +494,7 @@ def claim_output_dir(args: argparse.Namespace, setup: Setup) -> Iterator[None]:
     if not setup.dist_info.is_main:
         yield
         return
-    folders = {"--output-dir": Path(args.output_dir), "--log-dir": Path(args.log_dir)}
+    folders = {"--output-dir": Path(args.output_dir), "--log-dir": Path(log_root(args))}
     created = [folder for folder in folders.values() if not folder.exists()]
     try:
         for flag, folder in folders.items():
@@ -482,6 +507,12 @@ def claim_output_dir(args: argparse.Namespace, setup: Setup) -> Iterator[None]:
             for path in remove_temporary_files(args.output_dir):
                 setup.log(f"note: removed {path}, left by a write that was interrupted.")
             replace_demo_run(args, setup.log)
+            # Before this run prunes anything: a run killed between writing its best epoch's
+            # checkpoint and best.pth left the best weights in that checkpoint only.
+            rebuilt_from = restore_best(args.output_dir)
+            if rebuilt_from is not None:
+                setup.log(f"note: {Path(args.output_dir) / BEST_FILE} was missing or older than "
+                          f"the best epoch; copied {rebuilt_from} to it.")
             yield
     except (ProjectError, KeyboardInterrupt):
         leave_no_trace(created)  # once the lock's file is gone with the lock
@@ -541,10 +572,11 @@ def newest_readable_checkpoint(folder: str, log=print
     (and overwritten when the run gets to its epoch again)."""
     found = epoch_checkpoints(folder)
     for _, path in reversed(found):
-        try:
-            return path, load_resumable(path)
-        except UserError as err:
-            log(f"note: passing over {path}: {err}")
+        checkpoint, (why_not, _) = read_resumable(path)
+        if checkpoint is not None:
+            return path, checkpoint
+        log(f"note: --resume auto is passing over {path}, which {why_not}; the run goes on "
+            f"from the newest epoch checkpoint that loads.")
     if found:
         raise UserError(f"--resume auto: none of the {len(found)} epoch checkpoints in {folder} "
                         f"can be read; pass another --output-dir to start a new run.")
@@ -765,17 +797,34 @@ class Progress:
 
 
 def start_or_resume(args: argparse.Namespace, resume: Checkpoint | None,
-                    optimisation: Optimisation) -> Progress:
+                    optimisation: Optimisation, log=print) -> Progress:
     """Epoch 0 in a new TensorBoard folder, or the resumed run's next epoch and state."""
-    log_dir = Path(args.log_dir) / time.strftime("%Y%m%d-%H%M%S")
-    while log_dir.exists():  # two runs started in the same second get folders of their own
-        log_dir = log_dir.with_name(log_dir.name + "-")
     if resume is None:
-        return Progress(0, -1.0, log_dir)
+        return Progress(0, -1.0, new_log_dir(Path(log_root(args))))
     restore_training_state(resume, optimisation.optimizer, optimisation.scheduler,
                            optimisation.settings.scaler)
-    # The curves go on in the resumed run's folder.
-    return Progress(resume.epoch + 1, resume.best_acc, Path(resume.log_dir or log_dir))
+    return Progress(resume.epoch + 1, resume.best_acc, resumed_log_dir(args, resume, log))
+
+
+def new_log_dir(root: Path) -> Path:
+    """A dated sub-folder of root that no run has yet."""
+    log_dir = root / time.strftime("%Y%m%d-%H%M%S")
+    while log_dir.exists():  # two runs started in the same second get folders of their own
+        log_dir = log_dir.with_name(log_dir.name + "-")
+    return log_dir
+
+
+def resumed_log_dir(args: argparse.Namespace, resume: Checkpoint, log=print) -> Path:
+    """The curves go on in the resumed run's folder; a --log-dir given elsewhere wins (a copied
+    run, or a log disk that filled up), with a sub-folder of the same name there."""
+    if resume.log_dir is None:
+        return new_log_dir(Path(log_root(args)))
+    stored = Path(resume.log_dir)
+    if args.log_dir is None or Path(args.log_dir).resolve() == stored.parent.resolve():
+        return stored
+    moved = Path(args.log_dir) / stored.name
+    log(f"note: the curves go on in {moved} (--log-dir), not in the run's {stored}.")
+    return moved
 
 
 # --------------------------------------------------------------------------- wrappers
@@ -888,6 +937,46 @@ def epoch_metrics(train_stats: EpochStats, val_stats: EpochStats, lr: float,
     return metrics
 
 
+class TensorBoard:
+    """TensorBoard's writer, used on the checkpoint writer's thread only.
+
+    A failed write (a full --log-dir disk) is one warning, and the run goes on without curves:
+    the checkpoints hold every epoch's metrics, and stopping would cost the rest of the run
+    (or, at the end, its last epoch) for a log that can be drawn again from them.
+    """
+
+    def __init__(self, log_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # heavy; only when training
+
+        self.log_dir = log_dir
+        with writing(log_dir):  # before the first epoch nothing is lost: an error, exit 1
+            self.writer = SummaryWriter(log_dir=str(log_dir))
+        self.failed = False
+
+    def write(self, method: str, *args, **kwargs) -> None:
+        """self.writer.method(*args, **kwargs), unless a write failed before."""
+        if self.failed:
+            return
+        try:
+            getattr(self.writer, method)(*args, **kwargs)
+        except OSError as err:
+            self.failed = True
+            # On this thread while the next epoch's progress bar is drawn: tqdm.write puts the
+            # line above the bar, not in the middle of it.
+            tqdm.write(f"warning: TensorBoard cannot write to {self.log_dir} "
+                       f"({err.strerror or err}); training goes on without curves (each "
+                       f"checkpoint holds its epoch's metrics).", file=sys.stdout)
+            with contextlib.suppress(OSError):
+                self.writer.close()
+
+    def add_scalars(self, metrics: dict[str, float], epoch: int) -> None:
+        for tag, value in metrics.items():
+            self.write("add_scalar", tag, value, epoch)
+
+    def close(self) -> None:
+        self.write("close")
+
+
 class RunOutputs:
     """What rank 0 writes: class_indices.json, the checkpoints and TensorBoard's curves.
 
@@ -903,9 +992,7 @@ class RunOutputs:
         make_output_dir(log_dir, "--log-dir")
         # claim_output_dir made the output folder.
         write_class_indices(split.class_names, self.output_dir / CLASS_INDICES_FILE)
-        from torch.utils.tensorboard import SummaryWriter  # heavy; only when training
-
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+        self.tensorboard = TensorBoard(log_dir)
         self.saver = CheckpointWriter()
         # The validation images whose attention TensorBoard shows each epoch: spread over the
         # split, which lists the classes in order, so most classes are among them.
@@ -936,6 +1023,8 @@ class RunOutputs:
         With --freeze-layers the blocks never change, and neither does their attention: it
         is computed and drawn once, and the same picture is logged for every epoch.
         """
+        if self.tensorboard.failed:
+            return
         if self.attention_picture is None:
             batch = self.attention_images(model.image_size)
             was_training = model.training
@@ -957,23 +1046,31 @@ class RunOutputs:
         else:
             picture = self.attention_picture
         # Chained on the writer's thread (it runs its tasks in order), after the drawing.
-        self.saver.run(lambda: self.writer.add_image("attention_rollout", picture.result(),
-                                                     epoch, dataformats="HWC"))
+        self.saver.run(lambda: self.tensorboard.write("add_image", "attention_rollout",
+                                                      picture.result(), epoch,
+                                                      dataformats="HWC"))
 
-    def epoch_done(self, epoch: int, metrics: dict, confusion: torch.Tensor,
-                   checkpoint: Checkpoint, is_best: bool) -> None:
-        for tag, value in metrics.items():
-            self.writer.add_scalar(tag, value, epoch)
-        figure = plot_confusion_matrix(confusion, self.class_names, f"Validation, epoch {epoch}")
-        # Rendering takes a few tenths of a second: off the training thread.
-        self.saver.run(functools.partial(self.writer.add_figure, "confusion_matrix", figure,
-                                         epoch))
-        paths = [self.output_dir / epoch_file(epoch)]
+    def save_epoch(self, checkpoint: Checkpoint, is_best: bool) -> None:
+        """Queue the epoch's checkpoint (and best.pth), ahead of its curves: what may fail
+        there must not keep the epoch from being saved."""
+        paths = [self.output_dir / epoch_file(checkpoint.epoch)]
         if is_best:
             paths.append(self.output_dir / BEST_FILE)
         with self.stop_on_failed_write():
             self.saver.save(checkpoint, paths, after=self.epoch_saved)
-        self.saver.run(self.writer.flush)
+
+    def log_epoch(self, epoch: int, metrics: dict, confusion: torch.Tensor,
+                  model: VisionTransformer, device: torch.device) -> None:
+        """The epoch's curves, confusion matrix and attention rollout, on the writer's thread."""
+        if self.tensorboard.failed:
+            return
+        self.saver.run(functools.partial(self.tensorboard.add_scalars, metrics, epoch))
+        figure = plot_confusion_matrix(confusion, self.class_names, f"Validation, epoch {epoch}")
+        # Rendering takes a few tenths of a second: off the training thread.
+        self.saver.run(functools.partial(self.tensorboard.write, "add_figure",
+                                         "confusion_matrix", figure, epoch))
+        self.attention_rollout(epoch, model, device)
+        self.saver.run(functools.partial(self.tensorboard.write, "flush"))
 
     def epoch_saved(self) -> None:
         """On the writer's thread, once an epoch checkpoint is on disk: --keep's pruning, and
@@ -996,13 +1093,11 @@ class RunOutputs:
                              f"{last or 'none'}.") from None
 
     def finish(self) -> None:
-        """Wait for every write; then best.pth holds the best epoch, even after a kill."""
+        """Wait for every write; then --keep's pruning, also where a resumed run had no epoch
+        left to train (claim_output_dir made best.pth right before)."""
         with self.stop_on_failed_write():
             self.saver.wait()
-            rebuilt_from = restore_best(self.output_dir)
-        if rebuilt_from is not None:
-            print(f"note: {self.output_dir / BEST_FILE} was missing or older than the best "
-                  f"epoch; copied {rebuilt_from} to it.")
+            prune_checkpoints(self.output_dir, self.keep)
 
     def save_interrupted(self, checkpoint: Checkpoint) -> Path:
         self.saver.wait()
@@ -1011,16 +1106,89 @@ class RunOutputs:
         return path
 
     def close(self) -> None:
-        """Stop the writers; what failed was raised by finish() or epoch_done() already."""
+        """Stop the writers; what failed was raised by finish() or save_epoch() already."""
         with contextlib.suppress(WriteError):
             self.saver.close()
-        self.writer.close()
+        self.tensorboard.close()
+
+
+# --------------------------------------------------------------------------- stopping
+
+# The exit status after SIGTERM, as a shell reports a process that it ended (128 + 15).
+TERMINATED_STATUS = 128 + signal.SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (Slurm, docker stop, systemd, `timeout`): the run stops as at Ctrl-C.
+
+    A KeyboardInterrupt, so that what handles Ctrl-C handles it too: run_epochs saves
+    interrupted.pth, claim_output_dir cleans up, and DataLoader workers exit quietly.
+    """
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+def _ignore(signum: int, frame: object) -> None:
+    pass
+
+
+@contextlib.contextmanager
+def handling_signals(signals: tuple[int, ...], handler: Callable,
+                     replacing: tuple) -> Iterator[None]:
+    """handler for each of signals while the block runs, where the signal's handler now is one
+    of `replacing`; the previous handler after. Others are left alone: a caller's own (e.g.
+    benchmark.py's), SIG_IGN (nohup), and all of them off the main thread, which cannot set
+    handlers."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in signals:
+            if signal.getsignal(signum) in replacing:
+                previous[signum] = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        for signum, handler_before in previous.items():
+            signal.signal(signum, handler_before)
+
+
+def sigterm_as_ctrl_c() -> contextlib.AbstractContextManager:
+    """SIGTERM raises Terminated; by default it would end the process with nothing saved."""
+    return handling_signals((signal.SIGTERM,), _raise_terminated, replacing=(signal.SIG_DFL,))
+
+
+def no_second_stop() -> contextlib.AbstractContextManager:
+    """Ctrl-C or SIGTERM again is ignored while the stopped run saves and says how to go on:
+    a double press would cost interrupted.pth and the resume hint. (SIGKILL still ends it.)"""
+    return handling_signals((signal.SIGINT, signal.SIGTERM), _ignore,
+                    replacing=(signal.default_int_handler, _raise_terminated))
+
+
+def stop_run(args: argparse.Namespace, split: Split, model: VisionTransformer, epoch: int,
+             outputs: RunOutputs | None, stop: KeyboardInterrupt) -> int:
+    """After Ctrl-C or SIGTERM in epoch `epoch`: rank 0 saves interrupted.pth and says how to
+    continue; the exit status is 130 or 143."""
+    status, how = ((TERMINATED_STATUS, "Stopped by SIGTERM") if isinstance(stop, Terminated)
+                   else (INTERRUPTED_STATUS, "Interrupted"))
+    if outputs is not None:
+        path = outputs.save_interrupted(make_checkpoint(
+            model, args.model_name, split.class_names, dict(vars(args)), epoch - 1, {},
+            interrupted_in_epoch=epoch))
+        outputs.finish()
+        # A command that has --resume auto already (reproduce.py's) continues as it is.
+        again = ("run the same command again to continue" if args.resume == "auto" else
+                 "continue the run with the same command and --resume auto")
+        print(f"\n{how} in epoch {epoch}. The weights at that moment are in {path}; "
+              f"{again} (from the last complete epoch).", file=sys.stderr)
+    return status
 
 
 def run_epochs(args: argparse.Namespace, setup: Setup, split: Split, wrappers: Wrappers,
                loaders: tuple, optimisation: Optimisation, progress: Progress,
                outputs: RunOutputs | None) -> int:
-    """Train and validate each epoch; rank 0 logs and saves it. Ctrl-C saves and exits 130."""
+    """Train and validate each epoch; rank 0 logs and saves it. Ctrl-C saves and exits 130,
+    SIGTERM the same with 143."""
     model = wrappers.model
     feature_cache = FeatureCache() if args.freeze_layers and args.cache_val_features else None
     epoch = progress.start_epoch
@@ -1041,42 +1209,40 @@ def run_epochs(args: argparse.Namespace, setup: Setup, split: Split, wrappers: W
                 samples={"train": train_stats.samples, "val": val_stats.samples},
                 **training_state(optimisation.optimizer, optimisation.scheduler,
                                  optimisation.settings.scaler))
-            outputs.attention_rollout(epoch, model, setup.device)
-            outputs.epoch_done(epoch, metrics, val_stats.confusion, checkpoint, is_best)
+            outputs.save_epoch(checkpoint, is_best)
+            outputs.log_epoch(epoch, metrics, val_stats.confusion, model, setup.device)
         if outputs is not None:
             outputs.finish()
             outputs.remove_interrupted()  # also when a resumed run had no epoch left to train
-    except KeyboardInterrupt:
-        if outputs is not None:
-            path = outputs.save_interrupted(make_checkpoint(
-                model, args.model_name, split.class_names, dict(vars(args)), epoch - 1, {},
-                interrupted_in_epoch=epoch))
-            outputs.finish()
-            # A command that has --resume auto already (reproduce.py's) continues as it is.
-            again = ("run the same command again to continue" if args.resume == "auto" else
-                     "continue the run with the same command and --resume auto")
-            print(f"\nInterrupted in epoch {epoch}. The weights at that moment are in {path}; "
-                  f"{again} (from the last complete epoch).", file=sys.stderr)
-        return INTERRUPTED_STATUS
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (Terminated)
+        with no_second_stop():
+            return stop_run(args, split, model, epoch, outputs, stop)
     finally:
         if outputs is not None:
             outputs.close()
         shut_down(setup.dist_info)
+    curves = ("no curves (TensorBoard failed)" if outputs is not None and
+              outputs.tensorboard.failed else f"curves in {progress.log_dir} (tensorboard "
+                                                 f"--logdir {progress.log_dir.parent})")
     setup.log(f"Best validation accuracy {progress.best_acc:.4f}; checkpoints in "
-              f"{Path(args.output_dir)}, curves in {progress.log_dir} (tensorboard --logdir "
-              f"{args.log_dir}).")
+              f"{Path(args.output_dir)}, {curves}.")
     return 0
 
 
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
-    if args.demo:
-        apply_demo_settings(args, given_options(argv))
-    return train(args)
+    try:
+        if args.demo:
+            apply_demo_settings(args, given_options(argv))
+        return train(args)
+    except Terminated:  # before the epochs began, or on a rank that saves nothing
+        print("\nTerminated.", file=sys.stderr)
+        return TERMINATED_STATUS
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    return run_main(functools.partial(run, argv=argv), args)
+    with sigterm_as_ctrl_c():
+        return run_main(functools.partial(run, argv=argv), args)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,17 @@ import torch
 from conftest import ROOT, load, one_error_line, run_cli, train_argv
 
 import train
-from checkpoints import BEST_FILE, LOCK_FILE
+from checkpoints import (
+    BEST_FILE,
+    LOCK_FILE,
+    Checkpoint,
+    epoch_checkpoints,
+    epoch_file,
+    newest_epoch_checkpoint,
+    prune_checkpoints,
+    restore_best,
+    save_checkpoint,
+)
 from utils import SEED_LIMIT
 
 
@@ -239,6 +249,83 @@ def test_a_good_best_is_left_alone(resumable, tmp_path):
     assert (tmp_path / "out" / BEST_FILE).read_bytes() == best
 
 
+def set_val_acc(path: Path, val_acc: float) -> None:
+    """Give an epoch checkpoint another validation accuracy (and best_acc), in place."""
+    checkpoint = load(path)
+    checkpoint["metrics"]["val_acc"] = checkpoint["best_acc"] = val_acc
+    torch.save(checkpoint, path)
+
+
+def test_a_run_killed_before_its_best_pth_was_written_never_loses_those_weights(resumable,
+                                                                                tmp_path):
+    # What kill -9 leaves after model-1.pth, a new best, and before best.pth's rename:
+    # best.pth is epoch 0's and a .tmp. Epoch 1 scores 1.0, so no later epoch beats it. The
+    # run resumed with --keep 1 prunes model-1.pth after epoch 2: best.pth must have it by then.
+    out = tmp_path / "out"
+    set_val_acc(out / "model-0.pth", 0.2)
+    shutil.copyfile(out / "model-0.pth", out / BEST_FILE)
+    set_val_acc(out / "model-1.pth", 1.0)
+    (out / f".{BEST_FILE}.tmp").write_bytes(b"")
+    best_weights = load(out / "model-1.pth")["model"]
+
+    code, text, err = run_cli(train.main, [*resumable, "--epochs", "4", "--keep", "1",
+                                           "--resume", "auto"])
+    assert code == 0, err
+    assert f"copied {Path('out', 'model-1.pth')} to it" in text
+    assert [path.name for _, path in epoch_checkpoints(out)] == ["model-3.pth"]
+    best = load(out / BEST_FILE)
+    assert best["epoch"] == 1 and best["metrics"]["val_acc"] == 1.0
+    for key, value in best_weights.items():
+        torch.testing.assert_close(best["model"][key], value, rtol=0, atol=0, msg=key)
+
+
+def test_pruning_spares_the_only_copy_of_the_best_weights(tmp_path):
+    for epoch, val_acc in enumerate([0.2, 0.9, 0.5, 0.4]):
+        save_checkpoint(Checkpoint(model={"w": torch.full((1,), float(epoch))}, model_args={},
+                                   epoch=epoch, metrics={"val_acc": val_acc}),
+                        tmp_path / epoch_file(epoch))
+    shutil.copyfile(tmp_path / "model-0.pth", tmp_path / BEST_FILE)  # epoch 1's never written
+    prune_checkpoints(tmp_path, 1)
+    assert [epoch for epoch, _ in epoch_checkpoints(tmp_path)] == [1, 3]
+    assert restore_best(tmp_path) == tmp_path / "model-1.pth"
+    prune_checkpoints(tmp_path, 1)  # best.pth holds epoch 1 now: its checkpoint may go
+    assert [epoch for epoch, _ in epoch_checkpoints(tmp_path)] == [3]
+    assert load(tmp_path / BEST_FILE)["epoch"] == 1
+
+
+@pytest.mark.parametrize("resume", [["--resume", "auto"], []], ids=["resume auto", "new run"])
+def test_a_folder_with_best_pth_but_no_epoch_checkpoint_is_not_started_afresh(resumable,
+                                                                             tmp_path, resume):
+    out = tmp_path / "out"
+    for path in out.glob("model-*.pth"):
+        path.unlink()
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    code, _, err = run_cli(train.main, [*resumable, *resume])
+    line = one_error_line(code, err)
+    assert "best.pth" in line and "pass another --output-dir" in line, line
+    assert "continue it with --resume auto" not in line  # which would be refused as above
+    if resume:
+        assert "no model-*.pth to continue from" in line, line
+        assert f"--weights {Path('out', BEST_FILE)}" in line, line
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+
+def test_keep_applies_when_a_resumed_run_has_nothing_left_to_train(resumable, tmp_path):
+    code, text, err = run_cli(train.main, [*resumable, "--keep", "1", "--resume", "auto"])
+    assert code == 0 and "nothing more to train" in text, err
+    assert [path.name for _, path in epoch_checkpoints(tmp_path / "out")] == ["model-1.pth"]
+
+
+def test_a_folder_where_a_checkpoint_goes_is_refused_up_front(resumable, tmp_path):
+    out = tmp_path / "out"
+    (out / "model-3.pth").mkdir()  # a folder, not a checkpoint: not the run's newest
+    assert newest_epoch_checkpoint(out) == out / "model-1.pth"
+    code, _, err = run_cli(train.main, [*resumable, "--epochs", "5", "--resume", "auto"])
+    line = one_error_line(code, err)
+    assert f"{Path('out', 'model-3.pth')} is not a file" in line and "--output-dir" in line, line
+    assert not (out / "model-2.pth").exists()  # refused before an epoch was trained
+
+
 # --------------------------------------------------------------------------- failed writes
 
 def fail_save_from(monkeypatch, call: int, error: int) -> None:
@@ -295,6 +382,42 @@ def test_disk_full_on_a_real_tmpfs_stops_the_run(data, tmp_path):
         subprocess.run(["umount", "-l", str(disk)], check=False)  # -l: even if a file is open
 
 
+@pytest.mark.parametrize("failing", ["add_scalar", "flush"])
+def test_a_full_log_disk_costs_the_curves_not_an_epoch(data, tmp_path, monkeypatch, failing):
+    from torch.utils.tensorboard import SummaryWriter
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    real_close = SummaryWriter.close
+
+    def close_on_a_full_disk(writer):
+        real_close(writer)
+        full_disk()
+
+    monkeypatch.setattr(SummaryWriter, failing, full_disk)
+    monkeypatch.setattr(SummaryWriter, "close", close_on_a_full_disk)  # fails again at the end
+    code, text, err = run_cli(train.main, args_for(data, tmp_path, "--epochs", "2"))
+    assert code == 0 and "Traceback" not in err, err
+    warnings = [line for line in text.splitlines() if "TensorBoard cannot" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning:"), text
+    assert str(tmp_path / "logs") in warnings[0] and os.strerror(errno.ENOSPC) in warnings[0]
+    assert [load(path)["epoch"] for _, path in epoch_checkpoints(tmp_path / "out")] == [0, 1]
+    assert "no curves" in text.splitlines()[-1]
+
+
+def test_a_full_disk_while_claiming_the_folder_is_one_line_and_leaves_no_lock(data, tmp_path,
+                                                                              monkeypatch):
+    def full_disk(*args):  # the lock file is made; writing the pid into it fails
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full_disk)
+    code, _, err = run_cli(train.main, args_for(data, tmp_path))
+    line = one_error_line(code, err, status=1)
+    assert str(tmp_path / "out" / LOCK_FILE) in line and os.strerror(errno.ENOSPC) in line, line
+    assert not (tmp_path / "out").exists()  # no lock file, and so no folder, left behind
+
+
 # --------------------------------------------------------------------------- two runs
 
 def test_a_second_run_into_a_folder_in_use_is_refused(data, tmp_path):
@@ -341,12 +464,30 @@ def test_resume_with_a_flag_that_changes_the_optimizer_names_it(data, tmp_path, 
     assert not (tmp_path / "out" / "model-1.pth").exists()
 
 
+@pytest.mark.parametrize("given", [True, False])
+def test_a_log_dir_given_on_resume_wins_over_the_runs_own(resumable, tmp_path, given):
+    stored = Path(load(tmp_path / "out" / "model-1.pth")["log_dir"])
+    at = resumable.index("--log-dir")
+    argv = [*resumable[:at], *resumable[at + 2:], "--epochs", "3", "--resume", "auto"]
+    if given:  # a copied run, or its log disk full: its curves go on in a folder of that name
+        argv += ["--log-dir", "new_logs"]
+    code, text, err = run_cli(train.main, argv)
+    assert code == 0, err
+    used = Path("new_logs") / stored.name if given else stored
+    assert load(tmp_path / "out" / "model-2.pth")["log_dir"] == str(used)
+    assert f"curves in {used} " in text
+    assert list(used.glob("events.out.tfevents.*"))
+    assert ("note: the curves go on in new_logs" in text) == given
+
+
 def test_resume_auto_passes_over_a_damaged_newest_checkpoint(resumable):
     newest = Path("out", "model-1.pth")  # as --output-dir names it
     newest.write_bytes(newest.read_bytes()[:1000])  # a disk error, not a kill: writes are atomic
     code, out, err = run_cli(train.main, [*resumable, "--resume", "auto"])
     assert code == 0, err
-    assert f"passing over {newest}" in out and "model-0.pth (epoch 0 done)" in out
+    assert f"passing over {newest}, which cannot be read" in out, out
+    assert "pick an earlier" not in out  # advice for --resume FILE; auto has picked one
+    assert "model-0.pth (epoch 0 done)" in out
     assert load(newest)["epoch"] == 1  # trained again and written whole
 
 

@@ -55,7 +55,11 @@ def test_resume_continues_the_schedule_and_files(demo_flowers, tmp_path):
     resumed, whole = load(part / "weights" / "model-2.pth"), load(full / "weights" / "model-2.pth")
     assert resumed["metrics"]["train_loss"] == pytest.approx(whole["metrics"]["train_loss"],
                                                             rel=1e-4)
-    assert resumed["log_dir"] == load(part / "weights" / "model-0.pth")["log_dir"]
+    # The copy is resumed with its own --log-dir: its curves go on there, in a folder named as
+    # the run's (copied along with it), not in the original run's folder.
+    original = Path(load(part / "weights" / "model-0.pth")["log_dir"])
+    assert original.parent == full / "runs"
+    assert resumed["log_dir"] == str(part / "runs" / original.name)
 
 
 def test_with_loader_workers_a_resumed_run_is_the_uninterrupted_run(demo_flowers, tmp_path):
@@ -212,15 +216,20 @@ def test_sigkill_mid_epoch_then_resume(demo_flowers, tmp_path):
     assert load(tmp_path / "weights" / "model-2.pth")["epoch"] == 2
 
 
-def test_sigint_saves_and_exits_cleanly(demo_flowers, tmp_path):
+# SIGTERM is what Slurm, docker stop, systemd and `timeout` send: the same as Ctrl-C, but 143.
+@pytest.mark.parametrize(("stop", "status", "said"), [
+    (signal.SIGINT, 130, "Interrupted in epoch"),
+    (signal.SIGTERM, 128 + signal.SIGTERM, "Stopped by SIGTERM in epoch"),
+], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_saves_and_exits_cleanly(demo_flowers, tmp_path, stop, status, said):
     args = train_argv(demo_flowers, tmp_path, epochs=3, batch_size=2)
     proc = _start(args, tmp_path)
     _wait_for(tmp_path / "weights" / "model-0.pth", proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    assert proc.returncode == status, err
     assert "Traceback" not in err
-    assert "--resume auto" in err
+    assert said in err and "--resume auto" in err, err
     interrupted = load(tmp_path / "weights" / "interrupted.pth")
     assert interrupted["class_names"] and "model" in interrupted
     assert load(tmp_path / "weights" / "model-0.pth")["epoch"] == 0
@@ -230,3 +239,41 @@ def test_sigint_saves_and_exits_cleanly(demo_flowers, tmp_path):
     assert train.main([*args, "--resume", "auto", "--batch-size", "25"]) == 0
     assert epochs_in(tmp_path / "weights") == [0, 1, 2]
     assert not (tmp_path / "weights" / "interrupted.pth").exists()
+
+
+@pytest.fixture
+def python_ctrl_c():
+    """Python's own Ctrl-C handler in this process, even where pytest started with SIGINT
+    ignored (nohup ... &); put back after."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_a_second_ctrl_c_while_saving_keeps_the_save_and_the_resume_hint(
+        demo_flowers, tmp_path, monkeypatch, python_ctrl_c):
+    real_epoch, real_save = train.train_and_validate, torch.save
+
+    def ctrl_c_in_epoch_1(epoch, *args):
+        if epoch == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_epoch(epoch, *args)
+
+    def ctrl_c_again_while_saving(obj, path, *args, **kwargs):  # a double press
+        if Path(path).name == ".interrupted.pth.tmp":
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(train, "train_and_validate", ctrl_c_in_epoch_1)
+    monkeypatch.setattr(torch, "save", ctrl_c_again_while_saving)
+    sigterm_before = signal.getsignal(signal.SIGTERM)
+    code, _, err = run_cli(train.main, train_argv(demo_flowers, tmp_path, epochs=3))
+    assert code == 130, err
+    assert "Interrupted in epoch 1" in err and "--resume auto" in err, err
+    assert "Traceback" not in err
+    assert load(tmp_path / "weights" / "interrupted.pth")["interrupted_in_epoch"] == 1
+    # main() puts back the handlers it found: tests, reproduce.py and benchmark.py call it.
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) == sigterm_before
