@@ -70,7 +70,7 @@ from PIL import Image
 from torch import nn
 
 from checkpoints import atomic_write_bytes, newest_epoch_checkpoint, peek_checkpoint
-from cli import INTERRUPTED_STATUS, run_main
+from cli import INTERRUPTED_STATUS, TERMINATED_STATUS, run_main
 from demo_data import draw_image
 from download import FLOWER_CLASS_COUNTS
 from errors import UserError, check_output_file, writing
@@ -1319,5 +1319,5 @@ if __name__ == "__main__":
         status = main()
     except Terminated:
         print("\nTerminated; the JSON holds every run that ended.", file=sys.stderr)
-        status = 128 + signal.SIGTERM
+        status = TERMINATED_STATUS
     raise SystemExit(status)

@@ -153,9 +153,6 @@ def write_atomically(path: str | Path, write: Callable[[Path], object]) -> None:
             tmp.unlink(missing_ok=True)
 
 
-_write_atomically = write_atomically  # the name restore_best below calls it by
-
-
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write data to path atomically (write_atomically)."""
     write_atomically(path, lambda tmp: tmp.write_bytes(data))
@@ -485,7 +482,7 @@ def restore_best(folder: str | Path) -> Path | None:
     """Copy unsaved_best(folder), if any, to best.pth; return it (None: best.pth was right)."""
     source = unsaved_best(folder)
     if source is not None:
-        _write_atomically(Path(folder) / BEST_FILE, lambda tmp: shutil.copyfile(source, tmp))
+        write_atomically(Path(folder) / BEST_FILE, lambda tmp: shutil.copyfile(source, tmp))
     return source
 
 

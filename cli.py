@@ -14,6 +14,8 @@ DEFAULT_MODEL = "vit_base_patch16_224_in21k"
 # The exit status after Ctrl-C (128 + SIGINT, as a shell reports it); train.main returns it,
 # and the scripts that call train.main in-process stop on it.
 INTERRUPTED_STATUS = 130
+# After SIGTERM (Slurm, docker stop, `timeout`), 128 + 15: train.main returns it as well.
+TERMINATED_STATUS = 128 + signal.SIGTERM
 
 
 def _interrupted_while_importing(signum: int, frame: object) -> None:

@@ -117,7 +117,7 @@ def validation_curves(weights_path: Path, checkpoint: Checkpoint | None
     curves: dict[str, dict[str, dict[int, float]]] = {"accuracy": {}, "loss": {}}
     for epoch, path in epoch_checkpoints(weights_path.parent):
         other = peek_checkpoint(path)
-        if other is None or not other.metrics or other.log_dir != checkpoint.log_dir:
+        if other is None or not other.metrics or not same_run(other, checkpoint):
             continue  # another run's file in the same folder
         for kind, key in (("accuracy", "acc"), ("loss", "loss")):
             for split in ("train", "val"):
@@ -126,6 +126,13 @@ def validation_curves(weights_path: Path, checkpoint: Checkpoint | None
                     name = "validation" if split == "val" else "train"
                     curves[kind].setdefault(name, {})[epoch + 1] = value
     return curves if curves["accuracy"] else None
+
+
+def same_run(one: Checkpoint, other: Checkpoint) -> bool:
+    """Whether two checkpoints are epochs of one run: their TensorBoard folders share the
+    name the run started with (a run resumed with another --log-dir keeps that name)."""
+    return (one.log_dir is None) == (other.log_dir is None) and (
+        one.log_dir is None or Path(one.log_dir).name == Path(other.log_dir).name)
 
 
 def run_facts(summary: dict, checkpoint: Checkpoint | None, model: VisionTransformer,

@@ -40,7 +40,7 @@ from checkpoints import (
     epoch_file,
     read_progress,
 )
-from cli import INTERRUPTED_STATUS, run_main
+from cli import INTERRUPTED_STATUS, TERMINATED_STATUS, run_main
 from demo_data import make_demo_flowers
 from download import FLOWERS_DIR
 from errors import ProjectError, UserError, check_output_file
@@ -164,12 +164,20 @@ def train_once(label: str, argv: list[str]) -> Path:
     print(f"{label}: python train.py {' '.join(repr(a) if not a else a for a in argv)}",
           flush=True)
     rc = train.main(argv)
-    if rc == INTERRUPTED_STATUS:  # Ctrl-C, which train.py turned into its exit status
-        raise KeyboardInterrupt
+    if rc in (INTERRUPTED_STATUS, TERMINATED_STATUS):  # Ctrl-C or SIGTERM, which train.py
+        raise RunStopped(rc)                           # turned into its exit status
     if rc != 0:
         raise RunFailed(f"{label} failed (train.py exit status {rc}); its messages are above.",
                         rc)
     return weights_dir
+
+
+class RunStopped(Exception):
+    """train.py stopped at Ctrl-C or SIGTERM, saving what it had; status is its exit status."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
 
 
 class RunFailed(ProjectError):
@@ -301,14 +309,15 @@ def run_all(args: argparse.Namespace, extra: list[str], command: str) -> int:
 
 
 def run(args: argparse.Namespace, extra: list[str], command: str) -> int:
-    """run_all; Ctrl-C, in a run or between runs, says how to go on and exits 130."""
+    """run_all; Ctrl-C, in a run or between runs, or SIGTERM in a run, says how to go on and
+    exits 130 (143 for SIGTERM)."""
     try:
         return run_all(args, extra, command)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, RunStopped) as stop:
         # The finished runs are skipped and the interrupted one resumes (--resume auto).
         print("\nInterrupted; run the same reproduce.py command again to resume.",
               file=sys.stderr)
-        return INTERRUPTED_STATUS
+        return stop.status if isinstance(stop, RunStopped) else INTERRUPTED_STATUS
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,7 +58,13 @@ from checkpoints import (
     save_checkpoint,
     training_state,
 )
-from cli import INTERRUPTED_STATUS, add_device_flag, add_model_name_flag, run_main
+from cli import (
+    INTERRUPTED_STATUS,
+    TERMINATED_STATUS,
+    add_device_flag,
+    add_model_name_flag,
+    run_main,
+)
 from cuda_graphs import CudaGraphModel, use_cuda_graphs
 from demo_data import make_demo_flowers
 from distributed import Distributed, ShardSampler, barrier, init_distributed, shut_down
@@ -1113,10 +1119,6 @@ class RunOutputs:
 
 
 # --------------------------------------------------------------------------- stopping
-
-# The exit status after SIGTERM, as a shell reports a process that it ended (128 + 15).
-TERMINATED_STATUS = 128 + signal.SIGTERM
-
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (Slurm, docker stop, systemd, `timeout`): the run stops as at Ctrl-C.

@@ -331,6 +331,22 @@ def test_html_report_without_the_run_says_so(trained, tmp_path):
     assert "so there are no curves" in text and 'alt="training curve"' not in text
 
 
+def test_the_report_curves_follow_a_run_resumed_with_another_log_dir(tmp_path):
+    import report
+    from checkpoints import Checkpoint, epoch_file, peek_checkpoint, save_checkpoint
+
+    folders = ["runs/20261128-101500", "elsewhere/20261128-101500",  # resumed, moved
+               "runs/20261128-120000"]                             # another run's file
+    for epoch, log_dir in enumerate(folders):
+        save_checkpoint(Checkpoint(model={}, model_args={}, epoch=epoch, log_dir=log_dir,
+                                   metrics={"train_acc": 0.5, "val_acc": 0.1 * (epoch + 1),
+                                            "train_loss": 1.0, "val_loss": 1.0}),
+                        tmp_path / epoch_file(epoch))
+    newest = tmp_path / epoch_file(1)
+    curves = report.validation_curves(newest, peek_checkpoint(newest))
+    assert curves["accuracy"]["validation"] == {1: pytest.approx(0.1), 2: pytest.approx(0.2)}
+
+
 def test_gallery_lists_every_mistake_and_the_first_correct_images_of_each_class():
     import report
 

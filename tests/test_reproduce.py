@@ -71,7 +71,9 @@ def test_quick_runs_are_the_report_runs(quick_run):
 def test_finished_runs_are_skipped_and_unfinished_ones_trained(quick_run, capsys):
     _, out, _, data = quick_run
     before = (out / "run2" / "weights" / "best.pth").stat().st_mtime_ns
-    (out / "run3" / "weights" / "model-0.pth").unlink()  # as if run 3 had been interrupted
+    # As if run 3 had been interrupted in its first epoch, before it wrote a checkpoint.
+    for name in ("model-0.pth", "best.pth"):
+        (out / "run3" / "weights" / name).unlink()
     rc = reproduce.main(["--quick", "--out", str(out), "--data-path", data,
                          "--epochs-scale", "0.01", "--", "--workers", "0", "--batch-size", "8"])
     assert rc == 0
@@ -154,7 +156,8 @@ def test_every_flag_reproduce_sets_for_each_run_is_one_it_refuses_after_the_dash
         assert set_here == set(reproduce.SET_FOR_EACH_RUN), argv
 
 
-def test_ctrl_c_stops_with_one_way_on(tmp_path):
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_stops_with_one_way_on(tmp_path, signum, status):
     data = make_demo_flowers(tmp_path / "flowers", per_class=5)
     # Four pretraining epochs in batches of 2: long enough to be interrupted inside.
     command = [sys.executable, str(ROOT / "reproduce.py"), "--quick", "--out",
@@ -170,9 +173,9 @@ def test_ctrl_c_stops_with_one_way_on(tmp_path):
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, f"{first_epoch} never appeared"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)  # SIGTERM: Slurm, docker stop; train.py saves as at Ctrl-C
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    assert proc.returncode == status, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines[-1] == "Interrupted; run the same reproduce.py command again to resume.", err
     # Not train.py's own advice (reproduce.py resumes its runs itself), and not a failure.
