@@ -236,15 +236,22 @@ class CheckpointWriter:
     def _raise_failures(self) -> None:
         """Raise the error of a finished job, and of the previous save, finished or not: it
         has had a whole epoch to finish, so waiting for it costs nothing."""
-        finished = [f for f in self._pending if f.done() or f is self._last_save]
-        self._pending = [f for f in self._pending if f not in finished]
-        for future in finished:
-            future.result()
+        for future in [f for f in self._pending if f.done() or f is self._last_save]:
+            self._collect(future)
 
     def wait(self) -> None:
-        pending, self._pending = self._pending, []
-        for future in pending:
-            future.result()  # re-raises a failed write here, in the training thread
+        while self._pending:
+            self._collect(self._pending[0])
+
+    def _collect(self, future: Future) -> None:
+        """Wait for a job and re-raise its error here, in the training thread. It leaves the
+        queue only once it has ended: a Ctrl-C or SIGTERM while waiting keeps it there, so
+        that saving interrupted.pth next still waits for it instead of racing it."""
+        try:
+            future.result()
+        finally:
+            if future.done():
+                self._pending.remove(future)
 
     def close(self) -> None:
         try:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoints import Checkpoint, atomic_write_bytes, epoch_checkpoints, peek_checkpoint
+from checkpoints import Checkpoint, atomic_write_text, epoch_checkpoints, peek_checkpoint
 from errors import writing
 from grad_cam import overlay_on_crop
 from predict import attention_grids, grad_cam_maps, grad_cam_title, top_classes
@@ -295,7 +295,7 @@ def write_html_report(path: Path, summary: dict, weights_path: Path, model: Visi
                        png_data_uri(confusion), curve_uris, gallery)
     with writing(path.parent):
         path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, page.encode("utf-8"))
+    atomic_write_text(path, page)
     return path
 
 

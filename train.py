@@ -360,16 +360,18 @@ def earlier_demo_run(args: argparse.Namespace) -> list[Path]:
     own epochs' checkpoints and leave the rest, and a later --resume auto would continue the
     old run. A demo run is the exception because it is a toy, remade in a minute: `python
     train.py --demo` twice, or the demo and then a real run, both write into ./weights.
-    --resume auto is refused too where the folder holds best.pth (or interrupted.pth) but no
-    epoch checkpoint: it would start afresh and replace them.
+    --resume auto is refused too where the folder holds best.pth but no epoch checkpoint: it
+    would start afresh and replace it. interrupted.pth alone (a run stopped in its first
+    epoch) is no reason: there is nothing complete to continue from, so it starts again.
     """
     output_dir = Path(args.output_dir)
     found, epochs = run_files(output_dir), epoch_checkpoints(output_dir)
     if args.resume == "auto":
-        if found and not epochs:  # "no checkpoint; starting fresh" would replace best.pth
-            raise UserError(f"--resume auto: --output-dir {output_dir} holds {found[0].name} "
+        best = output_dir / BEST_FILE
+        if best in found and not epochs:  # "no checkpoint; starting fresh" would replace it
+            raise UserError(f"--resume auto: --output-dir {output_dir} holds {BEST_FILE} "
                             f"but no {EPOCH_FILES} to continue from; pass another --output-dir "
-                            f"to start a new run (--weights {found[0]} fine-tunes from it).")
+                            f"to start a new run (--weights {best} fine-tunes from it).")
         return []
     if args.resume and Path(args.resume).resolve().parent == output_dir.resolve():
         return []
@@ -1029,8 +1031,6 @@ class RunOutputs:
         With --freeze-layers the blocks never change, and neither does their attention: it
         is computed and drawn once, and the same picture is logged for every epoch.
         """
-        if self.tensorboard.failed:
-            return
         if self.attention_picture is None:
             batch = self.attention_images(model.image_size)
             was_training = model.training
@@ -1181,8 +1181,10 @@ def stop_run(args: argparse.Namespace, split: Split, model: VisionTransformer, e
         # A command that has --resume auto already (reproduce.py's) continues as it is.
         again = ("run the same command again to continue" if args.resume == "auto" else
                  "continue the run with the same command and --resume auto")
+        start = ("it starts the first epoch again" if epoch == 0 else
+                 "from the last complete epoch")
         print(f"\n{how} in epoch {epoch}. The weights at that moment are in {path}; "
-              f"{again} (from the last complete epoch).", file=sys.stderr)
+              f"{again} ({start}).", file=sys.stderr)
     return status
 
 
@@ -1236,7 +1238,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         if args.demo:
             apply_demo_settings(args, given_options(argv))
         return train(args)
-    except Terminated:  # before the epochs began, or on a rank that saves nothing
+    except Terminated:  # before the epochs began
         print("\nTerminated.", file=sys.stderr)
         return TERMINATED_STATUS
 

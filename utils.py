@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from checkpoints import atomic_write_bytes
+from checkpoints import atomic_write_text
 from distributed import Distributed, all_reduce_sums
 from errors import NonFiniteLossError, UserError
 
@@ -163,7 +163,7 @@ def read_split_data(root: str | Path, val_rate: float = DEFAULT_VAL_RATE, seed: 
 def write_class_indices(class_names: list[str], path: str | Path) -> None:
     """{"0": "daisy", ...}, the reproduced repository's class_indices.json."""
     text = json.dumps({str(i): name for i, name in enumerate(class_names)}, indent=4)
-    atomic_write_bytes(Path(path), (text + "\n").encode())
+    atomic_write_text(Path(path), text + "\n")
 
 
 def read_class_indices(path: str | Path) -> list[str]:

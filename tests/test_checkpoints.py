@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +18,7 @@ from checkpoints import (
     BEST_FILE,
     FORMAT_VERSION,
     Checkpoint,
+    CheckpointWriter,
     atomic_write_bytes,
     epoch_checkpoints,
     epoch_file,
@@ -278,3 +283,28 @@ def test_the_temporary_file_is_one_a_runs_cleanup_finds(tmp_path):
     assert seen[0].parent == tmp_path and seen[0].match(".*.tmp")
     seen[0].touch()
     assert remove_temporary_files(tmp_path) == [seen[0]]
+
+
+def test_a_ctrl_c_while_waiting_for_the_writer_keeps_its_job_waited_for():
+    # SIGTERM or Ctrl-C often comes while the last epoch's save is being waited for; the
+    # interrupted.pth saved next must still wait for that save, not race it.
+    writer = CheckpointWriter()
+    release, done = threading.Event(), []
+
+    def slow_save() -> None:
+        release.wait(10)
+        time.sleep(0.2)
+        done.append(True)
+
+    writer.run(slow_save)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            writer.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    release.set()
+    writer.wait()
+    assert done == [True]
+    writer.close()

@@ -17,6 +17,7 @@ from write_faults import files_limited_to
 
 import reproduce
 import train
+from checkpoints import Checkpoint, save_checkpoint
 from demo_data import make_demo_flowers
 
 
@@ -71,9 +72,12 @@ def test_quick_runs_are_the_report_runs(quick_run):
 def test_finished_runs_are_skipped_and_unfinished_ones_trained(quick_run, capsys):
     _, out, _, data = quick_run
     before = (out / "run2" / "weights" / "best.pth").stat().st_mtime_ns
-    # As if run 3 had been interrupted in its first epoch, before it wrote a checkpoint.
+    # As if run 3 had been interrupted in its first epoch: only interrupted.pth is left.
+    weights_dir = out / "run3" / "weights"
     for name in ("model-0.pth", "best.pth"):
-        (out / "run3" / "weights" / name).unlink()
+        (weights_dir / name).unlink()
+    save_checkpoint(Checkpoint(model={}, model_args={}, epoch=-1, interrupted_in_epoch=0),
+                    weights_dir / "interrupted.pth")
     rc = reproduce.main(["--quick", "--out", str(out), "--data-path", data,
                          "--epochs-scale", "0.01", "--", "--workers", "0", "--batch-size", "8"])
     assert rc == 0

@@ -277,3 +277,27 @@ def test_a_second_ctrl_c_while_saving_keeps_the_save_and_the_resume_hint(
     # main() puts back the handlers it found: tests, reproduce.py and benchmark.py call it.
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert signal.getsignal(signal.SIGTERM) == sigterm_before
+
+
+@pytest.mark.parametrize("stop, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_run_stopped_in_its_first_epoch_starts_again_with_resume_auto(
+        demo_flowers, tmp_path, monkeypatch, python_ctrl_c, stop, status):
+    # Nothing is complete yet: interrupted.pth alone, which --resume auto must not refuse.
+    real_epoch = train.train_and_validate
+
+    def stopped_in_epoch_0(epoch, *args):
+        if epoch == 0:
+            os.kill(os.getpid(), stop)
+        return real_epoch(epoch, *args)
+
+    monkeypatch.setattr(train, "train_and_validate", stopped_in_epoch_0)
+    code, _, err = run_cli(train.main, train_argv(demo_flowers, tmp_path, epochs=2))
+    assert code == status, err
+    assert "in epoch 0" in err and "--resume auto (it starts the first epoch again)" in err, err
+    folder = tmp_path / "weights"
+    assert sorted(p.name for p in folder.glob("*.pth")) == ["interrupted.pth"]
+    monkeypatch.undo()
+    code, _, err = run_cli(train.main, train_argv(demo_flowers, tmp_path, epochs=2,
+                                                  resume="auto"))
+    assert code == 0, err
+    assert epochs_in(folder) == [0, 1] and not (folder / "interrupted.pth").exists()
