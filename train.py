@@ -1071,10 +1071,14 @@ class RunOutputs:
         if self.tensorboard.failed:
             return
         self.saver.run(functools.partial(self.tensorboard.add_scalars, metrics, epoch))
-        figure = plot_confusion_matrix(confusion, self.class_names, f"Validation, epoch {epoch}")
-        # Rendering takes a few tenths of a second: off the training thread.
-        self.saver.run(functools.partial(self.tensorboard.write, "add_figure",
-                                         "confusion_matrix", figure, epoch))
+
+        def confusion_figure() -> None:
+            figure = plot_confusion_matrix(confusion, self.class_names,
+                                           f"Validation, epoch {epoch}")
+            self.tensorboard.write("add_figure", "confusion_matrix", figure, epoch)
+
+        # Building and rendering the figure take half a second: off the training thread.
+        self.saver.run(confusion_figure)
         self.attention_rollout(epoch, model, device)
         self.saver.run(functools.partial(self.tensorboard.write, "flush"))
 
