@@ -651,8 +651,8 @@ def run_train_py(args: argparse.Namespace, device: torch.device, root: Path, fro
                 status = train.main(argv)
             except SystemExit as exit_:  # argparse rejecting a flag exits
                 status = exit_.code if isinstance(exit_.code, int) else 1
-        if status == INTERRUPTED_STATUS:  # Ctrl-C, which train.py answered: stop here too
-            raise KeyboardInterrupt
+        if status in (INTERRUPTED_STATUS, TERMINATED_STATUS):  # Ctrl-C or SIGTERM, which
+            raise KeyboardInterrupt                            # train.py answered: stop too
         sync(device)
         seconds = time.perf_counter() - start
         last = newest_epoch_checkpoint(Path(tmp) / "weights")
